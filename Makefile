@@ -1,0 +1,53 @@
+# Two commands on a fresh machine: `make setup`, then `make test`. `make run` brings the system up.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+GEN := gen/python
+PROTO_DIR := protos
+PROTOS := $(wildcard $(PROTO_DIR)/embeddings/v1/*.proto)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup deps redis-server protos test test-unit run bench lint clean
+
+setup: deps redis-server protos ## Install everything: Python deps (pinned), redis-server, generated contracts.
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+deps: $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+
+redis-server:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+	@redis-server --version
+
+protos: $(GEN)/.stamp ## Build Python code (and mypy stubs) from the .proto files.
+
+$(GEN)/.stamp: $(PROTOS)
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(PY) -m grpc_tools.protoc -I$(PROTO_DIR) --python_out=$(GEN) --grpc_python_out=$(GEN) \
+		--mypy_out=$(GEN) --mypy_grpc_out=$(GEN) $(PROTOS)
+	touch $(GEN)/embeddings/__init__.py $(GEN)/embeddings/v1/__init__.py $@
+
+test: protos ## The whole suite: unit and integration (real redis-server, real gRPC).
+	$(PY) -m pytest -q
+
+test-unit: protos
+	$(PY) -m pytest -q -m "not integration"
+
+run: protos ## Redis, the text worker and the gateway on documented ports; Ctrl-C stops all.
+	$(PY) -m harness.run
+
+bench: protos ## Throughput figures with their in-process baselines (not a test).
+	$(PY) bench/text_throughput.py
+
+lint:
+	$(VENV)/bin/ruff check services harness tests bench
+	$(VENV)/bin/ruff format --check services harness tests bench
+	$(VENV)/bin/mypy services harness
+
+clean:
+	rm -rf $(GEN) build *.egg-info

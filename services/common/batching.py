@@ -1,0 +1,155 @@
+"""Dynamic micro-batching: gather concurrent requests into model batches, run them off the event loop.
+
+Every input of every request joins one bounded queue. The loop takes the oldest inputs as soon as it
+has `max_batch_size` of them, or once the oldest has waited `max_wait_s`, whichever comes first; while
+the model runs, new inputs accumulate, so under load batches fill without any waiting. A request larger
+than a batch is split across batches. Past `max_queue` waiting inputs, submit refuses at once with
+RESOURCE_EXHAUSTED rather than queueing forever, and inputs whose caller has gone (cancelled) or whose
+deadline has passed are dropped before they reach the model.
+"""
+
+import asyncio
+import collections
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from services.common import metrics
+from services.common.errors import DeadlineExceeded, ResourceExhausted
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(eq=False)
+class _Request(Generic[T]):
+    items: Sequence[T]
+    future: asyncio.Future[list[Any]]
+    deadline: float | None
+    results: list[Any] = field(default_factory=list)
+    remaining: int = 0
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.items)
+        self.remaining = len(self.items)
+
+
+class MicroBatcher(Generic[T, R]):
+    """Batches calls to `process(items) -> results` (one result per item, same order)."""
+
+    def __init__(
+        self,
+        name: str,
+        process: Callable[[list[T]], Sequence[R]],
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+    ) -> None:
+        self.name = name
+        self._process = process
+        self._executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._queue: collections.deque[tuple[_Request[T], int, float]] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._depth = metrics.QUEUE_DEPTH.labels(name)
+        self._batch_sizes = metrics.BATCH_SIZE.labels(name)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def submit(self, items: Sequence[T], timeout: float | None = None) -> list[R]:
+        """Queue `items`; return their results in order. `timeout`: seconds the caller will wait."""
+        if not items:
+            return []
+        if len(self._queue) + len(items) > self.max_queue:
+            metrics.QUEUE_REJECTED.labels(self.name).inc(len(items))
+            raise ResourceExhausted(
+                f"{self.name}: {len(self._queue)} inputs already queued (limit {self.max_queue}); "
+                "retry with back-off or send smaller batches"
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        request: _Request[T] = _Request(
+            items, loop.create_future(), None if timeout is None else now + timeout
+        )
+        self._queue.extend((request, i, now) for i in range(len(items)))
+        self._depth.set(len(self._queue))
+        self._arrived.set()
+        return await request.future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            while self._queue:
+                await self._fill(loop)
+                batch = self._take(loop.time())
+                if batch:
+                    await self._execute(loop, batch)
+
+    async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait for a full batch, or until the oldest queued input has waited max_wait_s."""
+        oldest = self._queue[0][2]
+        while len(self._queue) < self.max_batch_size:
+            remaining = oldest + self.max_wait_s - loop.time()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take(self, now: float) -> list[tuple[_Request[T], int]]:
+        batch: list[tuple[_Request[T], int]] = []
+        dropped = 0
+        while self._queue and len(batch) < self.max_batch_size:
+            request, index, _ = self._queue.popleft()
+            if request.future.done():
+                dropped += 1
+                continue
+            if request.deadline is not None and now > request.deadline:
+                request.future.set_exception(
+                    DeadlineExceeded(f"{self.name}: the call's deadline passed while it waited in the queue")
+                )
+                dropped += 1
+                continue
+            batch.append((request, index))
+        self._depth.set(len(self._queue))
+        if dropped:
+            metrics.DROPPED.labels(self.name).inc(dropped)
+        return batch
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Request[T], int]]) -> None:
+        self._batch_sizes.observe(len(batch))
+        items = [request.items[index] for request, index in batch]
+        try:
+            results = await loop.run_in_executor(self._executor, self._process, items)
+        except Exception as error:
+            for request, _ in batch:
+                if not request.future.done():
+                    request.future.set_exception(error)
+            return
+        for (request, index), result in zip(batch, results, strict=True):
+            if request.future.done():
+                continue
+            request.results[index] = result
+            request.remaining -= 1
+            if request.remaining == 0:
+                request.future.set_result(request.results)

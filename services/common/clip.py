@@ -1,0 +1,48 @@
+"""Loading an open_clip CLIP model from a local checkpoint (no hub access), shared by both towers."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.common.settings import ClipSettings
+from services.common.weights import content_version
+
+
+@dataclass
+class LoadedClip:
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    dimension: int
+    version: str
+
+
+def load_clip(settings: ClipSettings) -> LoadedClip:
+    """Build the architecture `settings.model`, load `settings.checkpoint` into it, in eval mode on CPU."""
+    import open_clip  # heavy import, only for workers that serve CLIP
+
+    checkpoint = Path(settings.checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(
+            f"CLIP_CHECKPOINT={settings.checkpoint!r} is not a file; give the local path of the "
+            f"{settings.model} checkpoint (CLIP weights are not downloaded)"
+        )
+    if settings.config:
+        open_clip.add_model_config(Path(settings.config))
+    config = open_clip.get_model_config(settings.model)
+    if config is None:
+        raise ValueError(
+            f"CLIP_MODEL={settings.model!r} is not an architecture open_clip knows; "
+            "name one of open_clip.list_models() or give its config JSON in CLIP_CONFIG"
+        )
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        settings.model, pretrained=str(checkpoint), device="cpu"
+    )
+    model.eval()
+    return LoadedClip(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(settings.model),
+        dimension=int(config["embed_dim"]),
+        version=content_version(checkpoint),
+    )

@@ -1,0 +1,104 @@
+"""One server interceptor for every service: exceptions become status codes; calls are counted and timed.
+
+Handlers raise ServiceError subclasses (errors.py) with a message that says what to fix; anything else
+is a bug and answers INTERNAL without leaking a traceback to the caller. Health and reflection calls
+pass through untouched.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from services.common import metrics
+from services.common.errors import ServiceError
+
+log = logging.getLogger("rpc")
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, service: str) -> None:
+        self._service = service
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        full_method = handler_call_details.method
+        if handler is None or full_method.startswith("/grpc."):
+            return handler
+        method = full_method.rsplit("/", 1)[-1]
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method), **codec)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary, method), **codec)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(handler.unary_stream, method), **codec
+            )
+        return grpc.stream_stream_rpc_method_handler(self._streaming(handler.stream_stream, method), **codec)
+
+    def _unary(self, behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                return await behaviour(request, context)
+            except BaseException as error:
+                code = self._code_of(error, context)
+                await self._answer(error, context, method)
+                raise
+            finally:
+                self._record(method, code, started)
+
+        return handle
+
+    def _streaming(self, behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            except BaseException as error:
+                code = self._code_of(error, context)
+                await self._answer(error, context, method)
+                raise
+            finally:
+                self._record(method, code, started)
+
+        return handle
+
+    @staticmethod
+    def _code_of(error: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+        if isinstance(error, ServiceError):
+            return error.code
+        if isinstance(error, asyncio.CancelledError):
+            return grpc.StatusCode.CANCELLED
+        if isinstance(error, grpc.aio.AbortError):
+            return context.code() or grpc.StatusCode.UNKNOWN
+        return grpc.StatusCode.INTERNAL
+
+    async def _answer(self, error: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+        """Abort the call with the status `error` stands for; cancellations and aborts pass as they are."""
+        if isinstance(error, ServiceError):
+            log.info("%s.%s -> %s: %s", self._service, method, error.code.name, error.message)
+            await context.abort(error.code, error.message)
+        elif not isinstance(error, asyncio.CancelledError | grpc.aio.AbortError):
+            log.exception("%s.%s failed", self._service, method)
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error in {self._service}.{method}: {error!r}"
+            )
+
+    def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        metrics.REQUESTS.labels(self._service, method, code.name).inc()
+        metrics.LATENCY.labels(self._service, method).observe(time.perf_counter() - started)

@@ -1,0 +1,95 @@
+"""grpc.aio server bootstrap shared by every service.
+
+The server listens at once with health NOT_SERVING, loads its models (or connects its backends) in
+`startup`, and only then reports SERVING, so Kubernetes gRPC probes and clients never reach a process
+that cannot answer. SIGTERM/SIGINT: health goes NOT_SERVING, new calls are refused, in-flight calls get
+`shutdown_grace_s` to finish, then `shutdown` releases the service's resources.
+"""
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.interceptor import StatusInterceptor
+from services.common.metrics import start_metrics_server
+from services.common.settings import ServiceSettings
+
+log = logging.getLogger("server")
+
+Register = Callable[[grpc.aio.Server], list[str]]
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+async def serve(
+    name: str,
+    settings: ServiceSettings,
+    register: Register,
+    startup: Callable[[], Awaitable[None]],
+    shutdown: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run one service until SIGTERM/SIGINT. `register` adds the servicers and returns their full names."""
+    configure_logging(settings.log_level)
+    server = grpc.aio.server(
+        interceptors=[StatusInterceptor(name)],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ],
+    )
+    service_names = register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ["", *service_names]:
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    start_metrics_server(settings.metrics_port)
+    log.info(
+        "%s listening on %s:%d (metrics on %d); loading", name, settings.host, port, settings.metrics_port
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    ready = loop.create_task(startup())
+    stopping = loop.create_task(stop.wait())
+    await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    failed = ready.done() and ready.exception() is not None
+    if failed:
+        log.error("%s failed to start: %r", name, ready.exception())
+    elif ready.done():
+        for service in ["", *service_names]:
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s ready: SERVING", name)
+        await stopping
+    else:
+        ready.cancel()
+        await asyncio.gather(ready, return_exceptions=True)
+
+    log.info("%s stopping: draining in-flight calls (up to %.1fs)", name, settings.shutdown_grace_s)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(settings.shutdown_grace_s)
+    if shutdown is not None:
+        await shutdown()
+    log.info("%s stopped", name)
+    if failed:
+        raise SystemExit(1)

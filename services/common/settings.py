@@ -1,0 +1,47 @@
+"""Settings every service shares. Each service subclasses ServiceSettings with its own env prefix."""
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Network, shutdown and logging settings of one gRPC process."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    host: str = Field("0.0.0.0", description="Address the gRPC server binds to.")
+    port: int = Field(..., description="gRPC port.")
+    metrics_port: int = Field(..., description="Prometheus /metrics HTTP port; 0 disables it.")
+    log_level: str = Field("INFO", description="Python logging level.")
+    shutdown_grace_s: float = Field(
+        10.0, description="On SIGTERM, how long in-flight calls may run before they are cancelled."
+    )
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, description="Largest gRPC message received or sent, in bytes."
+    )
+
+
+class ClipSettings(BaseSettings):
+    """One open_clip CLIP model: the text worker serves its text tower, the image worker its image tower.
+
+    Both read the same CLIP_* variables, so both towers load the same checkpoint and share one space.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CLIP_", extra="ignore")
+
+    model: str = Field("", description="open_clip architecture name, e.g. ViT-B-32; empty: CLIP is off.")
+    checkpoint: str = Field("", description="Local path of the checkpoint file (required with CLIP_MODEL).")
+    config: str = Field(
+        "",
+        description="Optional path of an open_clip model config JSON, for architectures open_clip "
+        "does not know by name (its file name, less .json, is the architecture name).",
+    )
+    space: str = Field("", description="Space id of this CLIP model; default clip-<CLIP_MODEL>.")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.model)
+
+    @property
+    def space_id(self) -> str:
+        return self.space or f"clip-{self.model}"

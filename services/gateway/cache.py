@@ -1,0 +1,103 @@
+"""The Redis vector cache: content hash -> the model's full float32 output (plus truncation facts).
+
+A cache, not a store: every Redis failure is logged and counted, and the call goes on without it.
+After a failure Redis is left alone for `retry_s` (so a dead Redis costs no latency), then tried
+again; redis-py opens fresh connections, so the cache comes back by itself when Redis does.
+"""
+
+import hashlib
+import logging
+import struct
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import redis.asyncio as redis
+from embeddings.v1 import types_pb2 as pb
+from redis.exceptions import RedisError
+
+from services.common import metrics
+
+log = logging.getLogger("cache")
+
+_HEADER = struct.Struct("<BI")  # flags (bit 0: truncated), tokens
+_TRUNCATED = 1
+
+
+@dataclass
+class RawVector:
+    """A model's full float32 output for one input, with what the model did to the input."""
+
+    values: np.ndarray
+    tokens: int = 0
+    truncated: bool = False
+
+    def to_bytes(self) -> bytes:
+        flags = _TRUNCATED if self.truncated else 0
+        return _HEADER.pack(flags, self.tokens) + self.values.astype("<f4").tobytes()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "RawVector":
+        flags, tokens = _HEADER.unpack_from(blob)
+        values = np.frombuffer(blob, dtype="<f4", offset=_HEADER.size)
+        return cls(values, tokens, bool(flags & _TRUNCATED))
+
+
+def cache_key(model_id: str, model_version: str, item: pb.Input) -> str:
+    """(model, model version, sha256 of the input's kind and content)."""
+    field = item.WhichOneof("content") or ""
+    content = getattr(item, field) if field else b""
+    digest = hashlib.sha256(field.encode() + b"\0")
+    digest.update(content if isinstance(content, bytes) else content.encode())
+    return f"emb:v1:{model_id}:{model_version}:{digest.hexdigest()}"
+
+
+class VectorCache:
+    def __init__(self, url: str, ttl_s: int, timeout_s: float, retry_s: float) -> None:
+        self._client = (
+            redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s) if url else None
+        )
+        self._ttl_s = ttl_s
+        self._retry_s = retry_s
+        self._down_until = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    def _available(self) -> bool:
+        return self._client is not None and time.monotonic() >= self._down_until
+
+    def _failed(self, op: str, error: Exception) -> None:
+        metrics.CACHE_ERRORS.labels(op).inc()
+        if time.monotonic() >= self._down_until:
+            log.warning("redis %s failed (%r); bypassing the cache for %.1fs", op, error, self._retry_s)
+        self._down_until = time.monotonic() + self._retry_s
+
+    async def get_many(self, keys: list[str]) -> list[RawVector | None]:
+        """One round trip for all keys; all None when Redis is down."""
+        if not keys or not self._available():
+            return [None] * len(keys)
+        assert self._client is not None
+        try:
+            blobs = await self._client.mget(keys)
+        except (RedisError, OSError) as error:
+            self._failed("get", error)
+            return [None] * len(keys)
+        return [RawVector.from_bytes(blob) if blob else None for blob in blobs]
+
+    async def put_many(self, entries: dict[str, RawVector]) -> None:
+        if not entries or not self._available():
+            return
+        assert self._client is not None
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, raw in entries.items():
+                    pipe.set(key, raw.to_bytes(), ex=self._ttl_s)
+                await pipe.execute()
+        except (RedisError, OSError) as error:
+            self._failed("put", error)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()

@@ -1,0 +1,165 @@
+"""Which worker serves which model: learnt from the workers' ListModels, refreshed in the background.
+
+Models are routed by id; several workers serving one model share its calls round-robin. A worker
+that stops answering keeps its last known models, so a call for them gets UNAVAILABLE (the worker is
+down) rather than INVALID_ARGUMENT (no such model).
+"""
+
+import asyncio
+import itertools
+import logging
+import re
+from collections.abc import Sequence
+
+import grpc
+from embeddings.v1 import encoder_pb2 as enc
+from embeddings.v1 import encoder_pb2_grpc as enc_grpc
+from embeddings.v1 import types_pb2 as pb
+
+from services.common import metrics
+from services.common.backend import ModelCard
+from services.common.errors import DeadlineExceeded, InvalidArgument, ServiceError, Unavailable
+from services.common.inputs import kind_name
+
+log = logging.getLogger("routing")
+
+_INPUT_INDEX = re.compile(r"inputs\[(\d+)\]")
+
+
+class Worker:
+    def __init__(self, address: str, max_message_bytes: int) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self.encoder = enc_grpc.EncoderStub(self.channel)
+        self.cards: list[ModelCard] = []
+        self.reachable = False
+
+
+class Router:
+    def __init__(self, addresses: Sequence[str], refresh_s: float, max_message_bytes: int) -> None:
+        self.workers = [Worker(address, max_message_bytes) for address in addresses]
+        self._refresh_s = refresh_s
+        self._routes: dict[str, list[Worker]] = {}
+        self._turns: dict[str, itertools.count] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Wait until at least one worker has listed its models, then keep the routes fresh."""
+        while not self._routes:
+            await self.refresh()
+            if not self._routes:
+                await asyncio.sleep(0.5)
+        self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for worker in self.workers:
+            await worker.channel.close()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        await asyncio.gather(*(self._list_models(worker) for worker in self.workers))
+        routes: dict[str, list[Worker]] = {}
+        for worker in self.workers:
+            for card in worker.cards:
+                routes.setdefault(card.id, []).append(worker)
+        self._routes = routes
+
+    async def _list_models(self, worker: Worker) -> None:
+        try:
+            response = await worker.encoder.ListModels(enc.ListModelsRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError as error:
+            if worker.reachable:
+                log.warning("worker %s unreachable: %s", worker.address, error.code().name)
+            worker.reachable = False
+            return
+        if not worker.reachable:
+            log.info("worker %s serves %s", worker.address, [m.id for m in response.models])
+        worker.reachable = True
+        worker.cards = [ModelCard.from_proto(info) for info in response.models]
+
+    @property
+    def cards(self) -> list[ModelCard]:
+        return [self.card(model) for model in sorted(self._routes)]
+
+    def card(self, model_id: str) -> ModelCard:
+        workers = self._routes.get(model_id)
+        if not workers:
+            raise self._unknown(f"model {model_id!r}")
+        return next(card for card in workers[0].cards if card.id == model_id)
+
+    def default_card(self, kind: int, preferred: str, space: str = "") -> ModelCard:
+        """The model for inputs of `kind` when none is named: `preferred` if it fits, else the first that does."""
+        fitting = [
+            card for card in self.cards if kind in card.input_kinds and (not space or card.space == space)
+        ]
+        for card in fitting:
+            if card.id == preferred:
+                return card
+        if fitting:
+            return fitting[0]
+        where = f" in space {space!r}" if space else ""
+        raise self._unknown(f"a model for {kind_name(kind)} inputs{where}")
+
+    def _unknown(self, what: str) -> ServiceError:
+        served = ", ".join(sorted(self._routes)) or "none"
+        down = [worker.address for worker in self.workers if not worker.reachable]
+        if down:
+            return Unavailable(
+                f"{what} is not served by any reachable worker (served: {served}); "
+                f"unreachable workers: {', '.join(down)}"
+            )
+        return InvalidArgument(f"{what} is not served here; models: {served} (see ListModels)")
+
+    async def encode(
+        self, model_id: str, inputs: Sequence[pb.Input], strict: bool, timeout: float
+    ) -> enc.EncodeResponse:
+        """Raw (full float32, unnormalised) vectors from a worker serving `model_id`."""
+        workers = self._routes.get(model_id)
+        if not workers:
+            raise self._unknown(f"model {model_id!r}")
+        turn = next(self._turns.setdefault(model_id, itertools.count()))
+        worker = workers[turn % len(workers)]
+        request = enc.EncodeRequest(
+            model=model_id,
+            inputs=inputs,
+            options=pb.EncodeOptions(normalize=False, dtype=pb.DTYPE_FLOAT32, strict=strict),
+        )
+        try:
+            return await worker.encoder.Encode(request, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            metrics.WORKER_FAILURES.labels(worker.address, error.code().name).inc()
+            raise _translate(error, worker.address, model_id) from None
+
+
+def _translate(error: grpc.aio.AioRpcError, address: str, model_id: str) -> ServiceError:
+    """A worker's failure as the gateway's caller should see it."""
+    code, details = error.code(), error.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(f"worker {address} serving {model_id!r} is unavailable ({details}); retry shortly")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"worker {address} did not answer for {model_id!r} within the deadline")
+    return ServiceError(details, code)
+
+
+def remap_input_indices(error: ServiceError, positions: Sequence[int], field: str) -> ServiceError:
+    """Rewrite `inputs[i]` in a worker's message (i: index in the sub-batch sent) as the caller's
+    `field[j]` (j: index in the caller's request)."""
+
+    def original(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        return f"{field}[{positions[index] if index < len(positions) else index}]"
+
+    return type(error)(_INPUT_INDEX.sub(original, error.message), error.code)

@@ -1,0 +1,35 @@
+"""Gateway settings, from GATEWAY_* environment variables."""
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    port: int = Field(50051, description="gRPC port of the public API.")
+    metrics_port: int = Field(9150, description="Prometheus /metrics port; 0 disables it.")
+    workers: str = Field(
+        "localhost:50061",
+        description="Comma-separated worker addresses; the gateway asks each which models it serves.",
+    )
+    model_refresh_s: float = Field(5.0, description="How often the workers' model lists are refreshed.")
+    worker_timeout_s: float = Field(
+        30.0, description="Deadline of a call to a worker when the caller set none (else the caller's)."
+    )
+    default_text_model: str = Field("all-MiniLM-L6-v2", description="Model for text when none is named.")
+    default_image_model: str = Field("efficientnet-lite0", description="Model for images when none is named.")
+    redis_url: str = Field("redis://localhost:6379/0", description="Vector cache; empty: no cache.")
+    cache_ttl_s: int = Field(7 * 24 * 3600, description="Lifetime of a cached vector in seconds.")
+    redis_timeout_s: float = Field(
+        0.25, description="Timeout of one Redis call; past it the cache is bypassed."
+    )
+    redis_retry_s: float = Field(
+        1.0, description="After a Redis failure, how long the cache is bypassed before Redis is tried again."
+    )
+    max_inputs_per_request: int = Field(
+        256, description="Most inputs in one Encode (or one Similarity side)."
+    )
+    stream_window: int = Field(8, description="Requests of one EncodeStream handled at once.")

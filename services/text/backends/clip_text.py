@@ -1,0 +1,59 @@
+"""The text tower of an open_clip CLIP model, from a local checkpoint (CLIP_* settings)."""
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from embeddings.v1 import types_pb2 as pb
+
+from services.common.backend import EncoderBackend, ModelCard, Prepared
+from services.common.clip import load_clip
+from services.common.settings import ClipSettings
+from services.text.backends.text_inputs import texts_of, too_long
+
+
+class ClipTextBackend(EncoderBackend):
+    def __init__(self, settings: ClipSettings, max_chars: int) -> None:
+        self._settings = settings
+        self._id = f"{settings.space_id}-text"
+        self._max_chars = max_chars
+
+    def load(self) -> ModelCard:
+        clip = load_clip(self._settings)
+        clip.model.visual = None  # this worker only ever runs the text tower
+        self._model = clip.model
+        self._tokenizer = clip.tokenizer
+        self._context = int(clip.tokenizer.context_length)
+        self.card = ModelCard(
+            id=self._id,
+            version=clip.version,
+            dimension=clip.dimension,
+            space=self._settings.space_id,
+            input_kinds=(pb.INPUT_KIND_TEXT,),
+            max_input_tokens=self._context,
+            description=f"open_clip {self._settings.model} text tower from {self._settings.checkpoint}",
+        )
+        return self.card
+
+    def _count_tokens(self, text: str) -> int:
+        """Tokens including the start and end markers the tokenizer adds."""
+        if hasattr(self._tokenizer, "encode"):
+            return len(self._tokenizer.encode(text)) + 2
+        return len(self._tokenizer.tokenizer(text)["input_ids"])
+
+    def prepare(self, inputs: Sequence[pb.Input], strict: bool) -> list[Prepared]:
+        prepared = []
+        for index, text in enumerate(texts_of(inputs, self._id, self._max_chars)):
+            count = self._count_tokens(text)
+            if strict and count > self._context:
+                raise too_long(index, count, self._context, self._id)
+            prepared.append(Prepared(text, min(count, self._context), count > self._context))
+        return prepared
+
+    def encode(self, batch: list[Prepared]) -> np.ndarray:
+        tokens = self._tokenizer([item.value for item in batch])
+        with torch.inference_mode():
+            return self._model.encode_text(tokens).float().numpy()
+
+    def probe_input(self) -> pb.Input:
+        return pb.Input(text="a photo of a cat")
