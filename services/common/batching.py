@@ -15,6 +15,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+import numpy as np
+
 from services.common import metrics
 from services.common.errors import DeadlineExceeded, ResourceExhausted
 
@@ -41,7 +43,7 @@ class MicroBatcher(Generic[T, R]):
     def __init__(
         self,
         name: str,
-        process: Callable[[list[T]], Sequence[R]],
+        process: Callable[[list[T]], Sequence[R] | np.ndarray],
         executor: Executor,
         *,
         max_batch_size: int,
@@ -141,6 +143,10 @@ class MicroBatcher(Generic[T, R]):
         items = [request.items[index] for request, index in batch]
         try:
             results = await loop.run_in_executor(self._executor, self._process, items)
+            if len(results) != len(items):
+                raise RuntimeError(
+                    f"{self.name}: the model returned {len(results)} results for {len(items)} inputs"
+                )
         except Exception as error:
             for request, _ in batch:
                 if not request.future.done():
