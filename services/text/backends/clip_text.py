@@ -1,5 +1,6 @@
 """The text tower of an open_clip CLIP model, from a local checkpoint (CLIP_* settings)."""
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,6 +24,8 @@ class ClipTextBackend(EncoderBackend):
         clip.model.visual = None  # this worker only ever runs the text tower
         self._model = clip.model
         self._tokenizer = clip.tokenizer
+        # Hugging Face tokenizers keep per-call state: counting (prepare thread) gets its own copy.
+        self._counting_tokenizer = copy.deepcopy(clip.tokenizer)
         self._context = int(clip.tokenizer.context_length)
         self.card = ModelCard(
             id=self._id,
@@ -37,9 +40,9 @@ class ClipTextBackend(EncoderBackend):
 
     def _count_tokens(self, text: str) -> int:
         """Tokens including the start and end markers the tokenizer adds."""
-        if hasattr(self._tokenizer, "encode"):
-            return len(self._tokenizer.encode(text)) + 2
-        return len(self._tokenizer.tokenizer(text)["input_ids"])
+        if hasattr(self._counting_tokenizer, "encode"):
+            return len(self._counting_tokenizer.encode(text)) + 2
+        return len(self._counting_tokenizer.tokenizer(text)["input_ids"])
 
     def prepare(self, inputs: Sequence[pb.Input], strict: bool) -> list[Prepared]:
         prepared = []

@@ -1,5 +1,6 @@
 """A sentence-transformers model loaded from a local directory (default: all-MiniLM-L6-v2)."""
 
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +38,10 @@ class SentenceTransformerBackend(EncoderBackend):
             raise FileNotFoundError(f"{self._path} is not a sentence-transformers model directory")
         self._model = SentenceTransformer(str(self._path), device="cpu", local_files_only=True)
         self._model.eval()
-        self._max_tokens = int(self._model.max_seq_length)
+        self._max_tokens = int(self._model.max_seq_length or self._model.tokenizer.model_max_length)
+        # A fast tokenizer holds its padding/truncation mode as state set on each call: the preparation
+        # thread counting tokens must not share it with the model thread, or their calls corrupt each other.
+        self._counting_tokenizer = copy.deepcopy(self._model.tokenizer)
         dimension = self._model.get_embedding_dimension()
         assert dimension is not None
         self.card = ModelCard(
@@ -55,7 +59,7 @@ class SentenceTransformerBackend(EncoderBackend):
         texts = texts_of(inputs, self._id, self._max_chars)
         counts = [
             len(ids)
-            for ids in self._model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+            for ids in self._counting_tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
         ]
         prepared = []
         for index, (text, count) in enumerate(zip(texts, counts, strict=True)):
