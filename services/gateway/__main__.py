@@ -21,6 +21,7 @@ def main() -> None:
             [address.strip() for address in settings.workers.split(",") if address.strip()],
             settings.model_refresh_s,
             settings.max_message_bytes,
+            settings.worker_reconnect_max_s,
         )
         cache = VectorCache(
             settings.redis_url, settings.cache_ttl_s, settings.redis_timeout_s, settings.redis_retry_s

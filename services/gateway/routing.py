@@ -27,23 +27,28 @@ _INPUT_INDEX = re.compile(r"inputs\[(\d+)\]")
 
 
 class Worker:
-    def __init__(self, address: str, max_message_bytes: int) -> None:
+    def __init__(self, address: str, max_message_bytes: int, reconnect_max_s: float) -> None:
         self.address = address
         self.channel = grpc.aio.insecure_channel(
             address,
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
+                # A restarted worker is found within this, not after gRPC's default of up to 120 s.
+                ("grpc.initial_reconnect_backoff_ms", min(1000, int(reconnect_max_s * 1000))),
+                ("grpc.max_reconnect_backoff_ms", int(reconnect_max_s * 1000)),
             ],
         )
         self.encoder = enc_grpc.EncoderStub(self.channel)
         self.cards: list[ModelCard] = []
-        self.reachable = False
+        self.ready = False
 
 
 class Router:
-    def __init__(self, addresses: Sequence[str], refresh_s: float, max_message_bytes: int) -> None:
-        self.workers = [Worker(address, max_message_bytes) for address in addresses]
+    def __init__(
+        self, addresses: Sequence[str], refresh_s: float, max_message_bytes: int, reconnect_max_s: float
+    ) -> None:
+        self.workers = [Worker(address, max_message_bytes, reconnect_max_s) for address in addresses]
         self._refresh_s = refresh_s
         self._routes: dict[str, list[Worker]] = {}
         self._turns: dict[str, itertools.count] = {}
@@ -81,13 +86,16 @@ class Router:
         try:
             response = await worker.encoder.ListModels(enc.ListModelsRequest(), timeout=2.0)
         except grpc.aio.AioRpcError as error:
-            if worker.reachable:
+            if worker.ready:
                 log.warning("worker %s unreachable: %s", worker.address, error.code().name)
-            worker.reachable = False
+            worker.ready = False
             return
-        if not worker.reachable:
+        if not response.models:  # up but still loading: keep routing its models (calls get UNAVAILABLE)
+            worker.ready = False
+            return
+        if not worker.ready:
             log.info("worker %s serves %s", worker.address, [m.id for m in response.models])
-        worker.reachable = True
+        worker.ready = True
         worker.cards = [ModelCard.from_proto(info) for info in response.models]
 
     @property
@@ -115,11 +123,11 @@ class Router:
 
     def _unknown(self, what: str) -> ServiceError:
         served = ", ".join(sorted(self._routes)) or "none"
-        down = [worker.address for worker in self.workers if not worker.reachable]
+        down = [worker.address for worker in self.workers if not worker.ready]
         if down:
             return Unavailable(
-                f"{what} is not served by any reachable worker (served: {served}); "
-                f"unreachable workers: {', '.join(down)}"
+                f"{what} is not served by any ready worker (served: {served}); "
+                f"workers unreachable or still loading: {', '.join(down)}"
             )
         return InvalidArgument(f"{what} is not served here; models: {served} (see ListModels)")
 

@@ -19,6 +19,9 @@ class GatewaySettings(ServiceSettings):
     worker_timeout_s: float = Field(
         30.0, description="Deadline of a call to a worker when the caller set none (else the caller's)."
     )
+    worker_reconnect_max_s: float = Field(
+        2.0, description="Longest wait between attempts to reconnect to a worker that went away."
+    )
     default_text_model: str = Field("all-MiniLM-L6-v2", description="Model for text when none is named.")
     default_image_model: str = Field("efficientnet-lite0", description="Model for images when none is named.")
     redis_url: str = Field("redis://localhost:6379/0", description="Vector cache; empty: no cache.")
