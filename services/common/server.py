@@ -10,7 +10,8 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -37,7 +38,7 @@ async def serve(
     name: str,
     settings: ServiceSettings,
     register: Register,
-    startup: Callable[[], Awaitable[None]],
+    startup: Callable[[], Coroutine[Any, Any, None]],
     shutdown: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Run one service until SIGTERM/SIGINT. `register` adds the servicers and returns their full names."""

@@ -27,7 +27,7 @@ def check_options(options: pb.EncodeOptions, dimension: int, model_id: str) -> N
 
 def shape(raw: np.ndarray, options: pb.EncodeOptions) -> list[pb.Vector]:
     """Turn rows of full float32 model output into wire vectors as the options ask."""
-    matrix = np.asarray(raw, dtype=np.float32)
+    matrix: np.ndarray = np.asarray(raw, dtype=np.float32)
     if options.dimensions:
         matrix = matrix[:, : options.dimensions]
     if not options.HasField("normalize") or options.normalize:

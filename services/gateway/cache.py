@@ -44,12 +44,13 @@ class RawVector:
 
 
 def cache_key(model_id: str, model_version: str, item: pb.Input) -> str:
-    """(model, model version, sha256 of the input's kind and content)."""
+    """sha256 of (model, model version, input kind, input content), behind a readable model prefix
+    (so `redis-cli --scan --pattern 'emb:v1:<model>:*'` finds one model's entries)."""
     field = item.WhichOneof("content") or ""
     content = getattr(item, field) if field else b""
-    digest = hashlib.sha256(field.encode() + b"\0")
+    digest = hashlib.sha256(b"\0".join([model_id.encode(), model_version.encode(), field.encode(), b""]))
     digest.update(content if isinstance(content, bytes) else content.encode())
-    return f"emb:v1:{model_id}:{model_version}:{digest.hexdigest()}"
+    return f"emb:v1:{model_id}:{digest.hexdigest()}"
 
 
 class VectorCache:
@@ -84,7 +85,7 @@ class VectorCache:
         except (RedisError, OSError) as error:
             self._failed("get", error)
             return [None] * len(keys)
-        return [RawVector.from_bytes(blob) if blob else None for blob in blobs]
+        return [RawVector.from_bytes(blob) if isinstance(blob, bytes) else None for blob in blobs]
 
     async def put_many(self, entries: dict[str, RawVector]) -> None:
         if not entries or not self._available():

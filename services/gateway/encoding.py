@@ -55,8 +55,8 @@ class CachingEncoder:
 
         vectors = [found[key] for key in keys]
         if strict:
-            for position, raw in enumerate(vectors):
-                if raw is not None and raw.truncated:
+            for position, entry in enumerate(vectors):
+                if entry is not None and entry.truncated:
                     raise InvalidArgument(
                         f"{field}[{position}] is longer than model {card.id!r} takes "
                         f"({card.max_input_tokens} tokens); options.strict is set: unset it to embed "
