@@ -1,0 +1,175 @@
+"""Real processes on free loopback ports: a throwaway redis-server, and any of the services."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def health_status(address: str, timeout: float = 1.0) -> str:
+    """SERVING / NOT_SERVING / ... of the whole server, or UNREACHABLE."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+        except grpc.RpcError:
+            return "UNREACHABLE"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+@dataclass
+class Process:
+    """One child process with its output in a log file."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="embeddings-logs-")))
+    popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"{self.name}.log"
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.popen = subprocess.Popen(
+                self.argv, cwd=ROOT, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def signal(self, signum: int) -> None:
+        if self.running():
+            assert self.popen is not None
+            self.popen.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        assert self.popen is not None
+        return self.popen.wait(timeout)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
+        if not self.running():
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.running():
+            self.signal(signal.SIGKILL)
+            self.wait(10)
+
+
+class RedisServer(Process):
+    """A real redis-server on a free port, no persistence: the tests' and benchmarks' cache."""
+
+    def __init__(self, port: int | None = None, log_dir: Path | None = None) -> None:
+        self.port = port or free_port()
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: run `make setup`")
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        super().__init__("redis", argv, log_dir=log_dir or Path(tempfile.mkdtemp(prefix="embeddings-logs-")))
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        super().start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}:\n{self.log_tail()}")
+
+
+class Service(Process):
+    """`python -m services.<module>` on a free gRPC port (metrics on another)."""
+
+    def __init__(
+        self,
+        module: str,
+        env_prefix: str,
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.metrics_port = free_port()
+        settings = {
+            f"{env_prefix}PORT": str(self.port),
+            f"{env_prefix}HOST": "127.0.0.1",
+            f"{env_prefix}METRICS_PORT": str(self.metrics_port),
+            **(env or {}),
+        }
+        super().__init__(
+            module,
+            [sys.executable, "-m", f"services.{module}"],
+            settings,
+            log_dir=log_dir or Path(tempfile.mkdtemp(prefix="embeddings-logs-")),
+        )
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_serving(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise RuntimeError(f"{self.name} exited while starting:\n{self.log_tail()}")
+            if health_status(self.address) == "SERVING":
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} was not SERVING within {timeout:.0f}s:\n{self.log_tail()}")
+
+
+def text_worker(
+    env: dict[str, str] | None = None, log_dir: Path | None = None, port: int | None = None
+) -> Service:
+    return Service("text", "TEXT_", env, log_dir, port)
+
+
+def gateway(
+    workers: list[str],
+    redis_url: str,
+    env: dict[str, str] | None = None,
+    log_dir: Path | None = None,
+    port: int | None = None,
+) -> Service:
+    settings = {"GATEWAY_WORKERS": ",".join(workers), "GATEWAY_REDIS_URL": redis_url, **(env or {})}
+    return Service("gateway", "GATEWAY_", settings, log_dir, port)

@@ -1,0 +1,78 @@
+"""`make run`: Redis, the text worker and the gateway on this machine, on fixed ports; Ctrl-C stops all.
+
+Ports (override with the environment): gateway 50051 (GATEWAY_PORT), text worker 50061 (TEXT_PORT),
+Redis 6379 (REDIS_PORT; an already running Redis there is used as it is), metrics 9150 / 9161.
+"""
+
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from harness.processes import RedisServer, Service, gateway, text_worker
+
+
+def _redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def main() -> None:
+    log_dir = Path(os.environ.get("LOG_DIR", "build/logs"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    redis_port = int(os.environ.get("REDIS_PORT", "6379"))
+    text_port = int(os.environ.get("TEXT_PORT", "50061"))
+    gateway_port = int(os.environ.get("GATEWAY_PORT", "50051"))
+
+    children: list[RedisServer | Service] = []
+    if not _redis_answers(redis_port):
+        redis = RedisServer(redis_port, log_dir)
+        redis.start()
+        children.append(redis)
+    text = text_worker({"TEXT_HOST": "0.0.0.0", "TEXT_METRICS_PORT": "9161"}, log_dir, text_port)
+    gate = gateway(
+        [f"127.0.0.1:{text_port}"],
+        f"redis://127.0.0.1:{redis_port}/0",
+        {"GATEWAY_HOST": "0.0.0.0", "GATEWAY_METRICS_PORT": "9150"},
+        log_dir,
+        gateway_port,
+    )
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for service in (text, gate):
+            service.start()
+            children.append(service)
+        print(f"starting: logs in {log_dir}/ ...", flush=True)
+        text.wait_serving()
+        gate.wait_serving()
+        print(
+            f"ready: gateway on localhost:{gateway_port} (metrics :9150), text worker on localhost:{text_port} "
+            f"(metrics :9161), redis on localhost:{redis_port}. Ctrl-C stops all.",
+            flush=True,
+        )
+        while not stopping and all(child.running() for child in children):
+            time.sleep(0.5)
+        for child in children:
+            if not child.running():
+                print(f"{child.name} exited; see {child.log_path}", file=sys.stderr)
+    finally:
+        for child in reversed(children):
+            child.stop()
+        print("stopped", flush=True)
+
+
+if __name__ == "__main__":
+    main()
