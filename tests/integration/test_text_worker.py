@@ -1,0 +1,135 @@
+"""The text worker over real gRPC: vectors equal the reference libraries', bad input is refused clearly."""
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+from embeddings.v1 import encoder_pb2 as enc
+from embeddings.v1 import encoder_pb2_grpc
+from embeddings.v1 import types_pb2 as pb
+
+from tests.clip_checkpoint import TinyClip
+from tests.helpers import cosine, texts, vectors
+
+pytestmark = pytest.mark.integration
+
+SENTENCES = [
+    "A man is eating food.",
+    "The new movie is awesome!",
+    "Kubernetes schedules pods onto nodes.",
+    "Ein Hund läuft über die Wiese. 🐕",
+    "word " * 400,  # longer than MiniLM's 256 tokens: truncated, like sentence-transformers does
+]
+
+
+def test_list_models_names_both_backends(worker_stub, tiny_clip: TinyClip) -> None:
+    models = {m.id: m for m in worker_stub.ListModels(enc.ListModelsRequest()).models}
+    minilm = models["all-MiniLM-L6-v2"]
+    assert (minilm.dimension, minilm.space, minilm.max_input_tokens) == (384, "minilm", 256)
+    assert list(minilm.input_kinds) == [pb.INPUT_KIND_TEXT]
+    assert len(minilm.version) == 12
+    clip = models[f"{tiny_clip.space}-text"]
+    assert (clip.dimension, clip.space, clip.max_input_tokens) == (32, tiny_clip.space, 77)
+
+
+def test_encode_equals_sentence_transformers(worker_stub, minilm) -> None:
+    response = worker_stub.Encode(enc.EncodeRequest(model="all-MiniLM-L6-v2", inputs=texts(*SENTENCES)))
+    assert response.model.id == "all-MiniLM-L6-v2" and response.model.version
+    expected = minilm.encode(SENTENCES, convert_to_numpy=True)
+    got = vectors(response)
+    assert got.shape == (len(SENTENCES), 384)
+    assert np.all(cosine(got, expected) >= 0.9999)
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert [e.truncated for e in response.embeddings] == [False, False, False, False, True]
+    assert response.embeddings[-1].input_tokens == 256
+
+
+def test_clip_text_tower_equals_open_clip(worker_stub, tiny_clip: TinyClip) -> None:
+    import torch
+
+    model, tokenizer = tiny_clip.load_reference()
+    with torch.inference_mode():
+        expected = model.encode_text(tokenizer(SENTENCES[:4])).numpy()
+    response = worker_stub.Encode(
+        enc.EncodeRequest(
+            model=f"{tiny_clip.space}-text",
+            inputs=texts(*SENTENCES[:4]),
+            options=pb.EncodeOptions(normalize=False),
+        )
+    )
+    got = vectors(response)
+    assert np.all(cosine(got, expected) >= 0.9999)
+    assert np.allclose(got, expected, atol=1e-4)
+    assert response.model.space == tiny_clip.space
+
+
+def test_options_shape_the_vectors(worker_stub) -> None:
+    request = enc.EncodeRequest(
+        inputs=texts("hello"), options=pb.EncodeOptions(dimensions=128, dtype=pb.DTYPE_FLOAT16)
+    )
+    vector = worker_stub.Encode(request).embeddings[0].vector
+    assert (vector.dim, vector.dtype, len(vector.data)) == (128, pb.DTYPE_FLOAT16, 256)
+    assert abs(np.linalg.norm(np.frombuffer(vector.data, "<f2").astype(np.float32)) - 1) < 1e-2
+    binary = worker_stub.Encode(
+        enc.EncodeRequest(inputs=texts("hello"), options=pb.EncodeOptions(dtype=pb.DTYPE_BINARY))
+    )
+    assert len(binary.embeddings[0].vector.data) == 384 // 8
+
+
+def test_encode_stream_answers_in_order(worker_stub) -> None:
+    requests = [enc.EncodeRequest(request_id=f"r{i}", inputs=texts(f"sentence {i}")) for i in range(12)]
+    responses = list(worker_stub.EncodeStream(iter(requests)))
+    assert [r.request_id for r in responses] == [f"r{i}" for i in range(12)]
+    assert all(len(r.embeddings) == 1 for r in responses)
+
+
+async def test_concurrent_requests_of_mixed_lengths(text_service) -> None:
+    """Many single-sentence calls at once: tokenising (prepare thread) and the model (batch thread)
+    overlap, and must not share tokenizer state."""
+    async with grpc.aio.insecure_channel(text_service.address) as channel:
+        stub = encoder_pb2_grpc.EncoderStub(channel)
+        sentences = [" ".join(["word"] * (1 + i % 40)) + f" {i}" for i in range(96)]
+        calls = [stub.Encode(enc.EncodeRequest(inputs=texts(s)), timeout=60) for s in sentences]
+        responses = await asyncio.gather(*calls)
+    assert all(len(r.embeddings) == 1 and r.embeddings[0].vector.dim == 384 for r in responses)
+    tokens = [r.embeddings[0].input_tokens for r in responses]
+    assert tokens == [len(s.split()) + 2 for s in sentences]
+
+
+BAD_REQUESTS = {
+    "empty batch": (enc.EncodeRequest(), "inputs is empty"),
+    "empty string": (enc.EncodeRequest(inputs=texts("ok", "")), "inputs[1].text is empty"),
+    "blank string": (enc.EncodeRequest(inputs=texts("   \n")), "inputs[0].text is empty"),
+    "empty input": (enc.EncodeRequest(inputs=[pb.Input()]), "inputs[0] is empty"),
+    "too many characters": (enc.EncodeRequest(inputs=texts("a" * 50_001)), "limit is 50000"),
+    "over token limit, strict": (
+        enc.EncodeRequest(inputs=texts("word " * 400), options=pb.EncodeOptions(strict=True)),
+        "takes at most 256",
+    ),
+    "unknown model": (enc.EncodeRequest(model="gpt-17", inputs=texts("a")), "unknown model 'gpt-17'"),
+    "image to a text model": (
+        enc.EncodeRequest(model="all-MiniLM-L6-v2", inputs=[pb.Input(image=b"\x89PNG")]),
+        "does not accept image",
+    ),
+    "user id to a text worker": (enc.EncodeRequest(inputs=[pb.Input(user_id="u1")]), "accepts user"),
+    "batch above the maximum": (enc.EncodeRequest(inputs=texts(*["x"] * 257)), "the limit is 256"),
+    "dimensions above the model's": (
+        enc.EncodeRequest(inputs=texts("a"), options=pb.EncodeOptions(dimensions=385)),
+        "options.dimensions=385",
+    ),
+    "unknown dtype": (
+        enc.EncodeRequest(inputs=texts("a"), options=pb.EncodeOptions(dtype=42)),
+        "options.dtype=42",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_bad_request_gets_invalid_argument_and_worker_keeps_serving(worker_stub, name: str) -> None:
+    request, fragment = BAD_REQUESTS[name]
+    with pytest.raises(grpc.RpcError) as caught:
+        worker_stub.Encode(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in caught.value.details()
+    assert len(worker_stub.Encode(enc.EncodeRequest(inputs=texts("still serving"))).embeddings) == 1

@@ -1,0 +1,28 @@
+"""The README documents every setting the services read (the settings tables must not drift)."""
+
+from pathlib import Path
+
+import pytest
+from pydantic_settings import BaseSettings
+
+from services.common.settings import ClipSettings
+from services.gateway.settings import GatewaySettings
+from services.text.settings import TextSettings
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("settings", "prefix"), [(TextSettings, "TEXT_"), (ClipSettings, "CLIP_"), (GatewaySettings, "GATEWAY_")]
+)
+def test_every_setting_is_in_the_readme_with_its_default(settings: type[BaseSettings], prefix: str) -> None:
+    for name, field in settings.model_fields.items():
+        if isinstance(field.default, BaseSettings) or field.default_factory is not None:
+            continue  # a nested settings object, documented under its own prefix
+        row = next(
+            (line for line in README.splitlines() if line.startswith(f"| `{prefix}{name.upper()}` |")), None
+        )
+        assert row is not None, f"{prefix}{name.upper()} is not in the README's settings tables"
+        assert f"`{field.default}`" in row, (
+            f"{prefix}{name.upper()}: the README's default differs from {field.default!r}"
+        )

@@ -1,0 +1,273 @@
+"""MicroBatcher: gathering, splitting, back-pressure, cancellation, deadlines and failures."""
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from prometheus_client import REGISTRY
+
+from services.common.batching import MicroBatcher
+from services.common.errors import DeadlineExceeded, ResourceExhausted
+
+POISON = -1
+
+
+class Model:
+    """A fake model: records every batch, doubles each item, can be held on a gate or made to fail."""
+
+    def __init__(self, blocked: bool = False, delay_s: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        if not blocked:
+            self.gate.set()
+        self.delay_s = delay_s
+        self.wrong_count = False
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.gate.wait(5)  # bounded, so a broken test cannot hang the suite
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if POISON in items:
+            raise ValueError(f"model failed on batch {items}")
+        if self.wrong_count:
+            return [x * 2 for x in items[:-1]]
+        return [x * 2 for x in items]
+
+    @property
+    def seen(self) -> list[int]:
+        return [x for batch in self.batches for x in batch]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(batch) for batch in self.batches]
+
+
+MakeBatcher = Callable[..., tuple[MicroBatcher, Model]]
+
+
+@pytest.fixture
+async def make_batcher() -> AsyncIterator[MakeBatcher]:
+    created: list[tuple[MicroBatcher, Model, ThreadPoolExecutor]] = []
+
+    def make(
+        *,
+        max_batch_size: int = 32,
+        max_wait_s: float = 0.01,
+        max_queue: int = 1000,
+        blocked: bool = False,
+        delay_s: float = 0.0,
+    ) -> tuple[MicroBatcher, Model]:
+        model = Model(blocked=blocked, delay_s=delay_s)
+        executor = ThreadPoolExecutor(1)
+        batcher: MicroBatcher = MicroBatcher(
+            f"test-{len(created)}",
+            model,
+            executor,
+            max_batch_size=max_batch_size,
+            max_wait_s=max_wait_s,
+            max_queue=max_queue,
+        )
+        batcher.start()
+        created.append((batcher, model, executor))
+        return batcher, model
+
+    yield make
+    for batcher, model, executor in created:
+        model.gate.set()
+        await batcher.close()
+        executor.shutdown(wait=True)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.001)
+
+
+async def hold_model(batcher: MicroBatcher, model: Model) -> asyncio.Task[list[int]]:
+    """Send one input and wait until the (blocked) model is busy with it."""
+    task = asyncio.create_task(batcher.submit([1000]))
+    await until(lambda: bool(model.batches))
+    return task
+
+
+def sample(name: str, batcher: MicroBatcher) -> float:
+    return REGISTRY.get_sample_value(name, {"batcher": batcher.name}) or 0.0
+
+
+async def test_results_come_back_in_order_per_request(make_batcher: MakeBatcher) -> None:
+    batcher, model = make_batcher()
+    requests = [[3, 1, 2], [10], [7, 8, 9, 4, 5], [42, 41]]
+    results = await asyncio.gather(*(batcher.submit(items) for items in requests))
+    assert results == [[x * 2 for x in items] for items in requests]
+    assert sorted(model.seen) == sorted(x for items in requests for x in items)
+
+
+async def test_empty_submit_returns_empty_without_calling_the_model(make_batcher: MakeBatcher) -> None:
+    batcher, model = make_batcher()
+    assert await batcher.submit([]) == []
+    assert model.batches == []
+
+
+async def test_concurrent_submits_are_gathered_into_one_batch(make_batcher: MakeBatcher) -> None:
+    batcher, model = make_batcher(max_batch_size=32, max_wait_s=0.05)
+    results = await asyncio.gather(*(batcher.submit([i]) for i in range(10)))
+    assert results == [[i * 2] for i in range(10)]
+    assert len(model.batches) < 10
+    assert model.sizes == [10]
+    assert sorted(model.seen) == list(range(10))
+
+
+async def test_inputs_arriving_within_max_wait_join_the_same_batch(make_batcher: MakeBatcher) -> None:
+    batcher, model = make_batcher(max_batch_size=32, max_wait_s=0.2)
+    first = asyncio.create_task(batcher.submit([1, 2]))
+    await asyncio.sleep(0.02)
+    second = asyncio.create_task(batcher.submit([3]))
+    assert await first == [2, 4]
+    assert await second == [6]
+    assert model.batches == [[1, 2, 3]]
+
+
+async def test_a_lone_input_waits_at_most_about_max_wait(make_batcher: MakeBatcher) -> None:
+    batcher, model = make_batcher(max_batch_size=32, max_wait_s=0.05)
+    start = time.monotonic()
+    assert await batcher.submit([5]) == [10]
+    elapsed = time.monotonic() - start
+    assert 0.04 <= elapsed < 1.0
+    assert model.sizes == [1]
+
+
+async def test_a_full_batch_runs_without_waiting_for_max_wait(make_batcher: MakeBatcher) -> None:
+    batcher, model = make_batcher(max_batch_size=4, max_wait_s=10.0)
+    start = time.monotonic()
+    assert await asyncio.wait_for(batcher.submit([1, 2, 3, 4]), 2.0) == [2, 4, 6, 8]
+    assert time.monotonic() - start < 1.0
+    assert model.batches == [[1, 2, 3, 4]]
+
+
+async def test_a_request_larger_than_a_batch_is_split_and_reassembled_in_order(
+    make_batcher: MakeBatcher,
+) -> None:
+    batcher, model = make_batcher(max_batch_size=4, max_wait_s=0.01)
+    items = [9, 3, 7, 1, 8, 2, 6, 0, 5, 4]
+    assert await batcher.submit(items) == [x * 2 for x in items]
+    assert model.sizes == [4, 4, 2]
+    assert model.seen == items
+
+
+async def test_max_batch_size_is_never_exceeded_under_load(make_batcher: MakeBatcher) -> None:
+    batcher, model = make_batcher(max_batch_size=5, max_wait_s=0.005, delay_s=0.002)
+    sizes = [1, 7, 3, 12, 5, 2, 9, 1, 4, 6, 11, 3]
+    requests: list[Sequence[int]] = []
+    start = 0
+    for size in sizes:
+        requests.append(list(range(start, start + size)))
+        start += size
+
+    async def send(index: int, items: Sequence[int]) -> list[int]:
+        await asyncio.sleep(0.001 * (index % 4))
+        return await batcher.submit(items)
+
+    results = await asyncio.gather(*(send(i, items) for i, items in enumerate(requests)))
+    assert results == [[x * 2 for x in items] for items in requests]
+    assert max(model.sizes) <= 5
+    assert sorted(model.seen) == list(range(start))  # every input exactly once
+    assert len(model.batches) < len(requests) + sum(sizes) // 5  # and they were batched
+
+
+async def test_full_queue_refuses_at_once_with_resource_exhausted(make_batcher: MakeBatcher) -> None:
+    batcher, model = make_batcher(max_batch_size=2, max_wait_s=0.001, max_queue=4, blocked=True)
+    busy = await hold_model(batcher, model)
+    waiting = asyncio.create_task(batcher.submit([1, 2, 3, 4]))  # exactly fills the queue
+    await until(lambda: batcher.queued == 4)
+    rejected_before = sample("batch_queue_rejected_total", batcher)
+
+    start = time.monotonic()
+    with pytest.raises(ResourceExhausted) as refused:
+        await batcher.submit([99])
+    assert time.monotonic() - start < 0.5
+    assert "limit 4" in refused.value.message
+    assert sample("batch_queue_rejected_total", batcher) == rejected_before + 1
+
+    model.gate.set()
+    assert await busy == [2000]
+    assert await waiting == [2, 4, 6, 8]
+    assert 99 not in model.seen
+
+
+async def test_cancelled_callers_inputs_never_reach_the_model(make_batcher: MakeBatcher) -> None:
+    batcher, model = make_batcher(max_batch_size=8, max_wait_s=0.001, blocked=True)
+    busy = await hold_model(batcher, model)
+    gone = asyncio.create_task(batcher.submit([100, 101, 102]))
+    kept = asyncio.create_task(batcher.submit([200]))
+    await until(lambda: batcher.queued == 4)
+    dropped_before = sample("batch_dropped_total", batcher)
+
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    model.gate.set()
+
+    assert await busy == [2000]
+    assert await kept == [400]
+    assert not {100, 101, 102} & set(model.seen)
+    assert model.seen == [1000, 200]
+    assert sample("batch_dropped_total", batcher) == dropped_before + 3
+
+
+async def test_expired_deadline_raises_and_inputs_never_reach_the_model(make_batcher: MakeBatcher) -> None:
+    batcher, model = make_batcher(max_batch_size=8, max_wait_s=0.001, blocked=True)
+    busy = await hold_model(batcher, model)
+    late = asyncio.create_task(batcher.submit([7, 8], timeout=0.001))
+    patient = asyncio.create_task(batcher.submit([9], timeout=30.0))
+    await until(lambda: batcher.queued == 3)
+    await asyncio.sleep(0.02)  # the short deadline passes while the model is busy
+    model.gate.set()
+
+    with pytest.raises(DeadlineExceeded):
+        await late
+    assert await patient == [18]
+    assert await busy == [2000]
+    assert not {7, 8} & set(model.seen)
+
+
+async def test_model_error_reaches_every_request_of_the_batch_and_batcher_recovers(
+    make_batcher: MakeBatcher,
+) -> None:
+    batcher, model = make_batcher(max_batch_size=32, max_wait_s=0.05)
+    results = await asyncio.gather(
+        batcher.submit([1]), batcher.submit([POISON, 2]), batcher.submit([3]), return_exceptions=True
+    )
+    assert len(model.batches) == 1
+    assert all(isinstance(result, ValueError) for result in results)
+    assert results[0] is results[1] is results[2]
+
+    assert await batcher.submit([4, 5]) == [8, 10]
+    assert model.batches[-1] == [4, 5]
+
+
+async def test_model_error_in_one_part_of_a_split_request_fails_only_that_request(
+    make_batcher: MakeBatcher,
+) -> None:
+    batcher, model = make_batcher(max_batch_size=2, max_wait_s=0.001)
+    with pytest.raises(ValueError):
+        await batcher.submit([1, POISON, 3, 4])
+    assert await batcher.submit([6]) == [12]
+    assert model.batches == [[1, POISON], [6]]  # the failed request's other half was not run
+
+
+async def test_model_returning_the_wrong_number_of_results_fails_the_batch_not_the_batcher(
+    make_batcher: MakeBatcher,
+) -> None:
+    batcher, model = make_batcher(max_batch_size=8, max_wait_s=0.001)
+    model.wrong_count = True
+    with pytest.raises(RuntimeError, match="returned 2 results for 3 inputs"):
+        await asyncio.wait_for(batcher.submit([1, 2, 3]), 0.3)
+    model.wrong_count = False
+    assert await asyncio.wait_for(batcher.submit([4]), 0.3) == [8]

@@ -1,0 +1,240 @@
+"""The Redis vector cache: blob format, keys, and behaviour against a real (and failing) redis-server."""
+
+import asyncio
+import itertools
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+import pytest
+import redis.asyncio as redis
+from embeddings.v1 import types_pb2 as pb
+from prometheus_client import REGISTRY
+
+from harness.processes import RedisServer
+from services.gateway.cache import RawVector, VectorCache, cache_key
+
+_counter = itertools.count()
+
+
+def new_key() -> str:
+    return f"test:cache:{next(_counter)}:{time.monotonic_ns()}"
+
+
+def vector(seed: int, dim: int = 8, tokens: int = 0, truncated: bool = False) -> RawVector:
+    values = np.random.default_rng(seed).normal(size=dim).astype(np.float32)
+    return RawVector(values, tokens, truncated)
+
+
+def assert_same(actual: RawVector | None, expected: RawVector) -> None:
+    assert actual is not None
+    assert actual.values.dtype == np.float32
+    np.testing.assert_array_equal(actual.values, expected.values)
+    assert actual.tokens == expected.tokens
+    assert actual.truncated == expected.truncated
+
+
+def cache_errors(op: str) -> float:
+    return REGISTRY.get_sample_value("cache_errors_total", {"op": op}) or 0.0
+
+
+# --- RawVector ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "tokens", "truncated"),
+    [
+        ([0.1, -2.5, 3e-8, 1e30], 12345, True),
+        ([1.0], 0, False),
+        ([0.0] * 768, 2**32 - 1, False),
+        ([], 7, True),
+    ],
+)
+def test_raw_vector_bytes_round_trip(values: list[float], tokens: int, truncated: bool) -> None:
+    raw = RawVector(np.array(values, dtype=np.float32), tokens, truncated)
+    blob = raw.to_bytes()
+    assert len(blob) == 5 + 4 * len(values)
+    assert_same(RawVector.from_bytes(blob), raw)
+
+
+def test_raw_vector_stores_float64_input_as_float32() -> None:
+    raw = RawVector(np.array([1 / 3, -2.0], dtype=np.float64), 3, False)
+    back = RawVector.from_bytes(raw.to_bytes())
+    np.testing.assert_array_equal(back.values, np.array([1 / 3, -2.0], dtype=np.float32))
+
+
+# --- cache_key ------------------------------------------------------------------------------------
+
+
+def test_cache_key_is_deterministic_and_names_model_and_version() -> None:
+    key = cache_key("text-small", "v3", pb.Input(text="hello"))
+    assert key == cache_key("text-small", "v3", pb.Input(text="hello"))
+    assert key.startswith("emb:v1:text-small:")
+
+
+def test_cache_key_fields_cannot_run_into_each_other() -> None:
+    item = pb.Input(text="hello")
+    assert cache_key("a:b", "c", item) != cache_key("a", "b:c", item)
+
+
+def test_cache_key_differs_by_model_version_and_content() -> None:
+    item = pb.Input(text="hello")
+    base = cache_key("text-small", "v3", item)
+    assert cache_key("text-large", "v3", item) != base
+    assert cache_key("text-small", "v4", item) != base
+    assert cache_key("text-small", "v3", pb.Input(text="hello!")) != base
+    assert cache_key("text-small", "v3", pb.Input(text="Hello")) != base
+
+
+def test_cache_key_differs_between_kinds_with_the_same_content() -> None:
+    keys = {
+        cache_key("m", "1", pb.Input(text="abc")),
+        cache_key("m", "1", pb.Input(image=b"abc")),
+        cache_key("m", "1", pb.Input(user_id="abc")),
+        cache_key("m", "1", pb.Input(item_id="abc")),
+    }
+    assert len(keys) == 4
+
+
+# --- VectorCache against a real redis-server ----------------------------------------------------------
+
+
+@pytest.fixture
+async def cache(redis_server: RedisServer) -> AsyncIterator[VectorCache]:
+    vectors = VectorCache(redis_server.url, ttl_s=60, timeout_s=0.2, retry_s=0.3)
+    yield vectors
+    await vectors.close()
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[redis.Redis]:
+    direct = redis.from_url(redis_server.url)
+    yield direct
+    await direct.aclose()
+
+
+async def test_get_many_on_an_empty_cache_gives_nones(cache: VectorCache) -> None:
+    assert cache.enabled
+    assert await cache.get_many([new_key(), new_key(), new_key()]) == [None, None, None]
+    assert await cache.get_many([]) == []
+
+
+async def test_put_many_then_get_many_in_key_order_with_one_mget(
+    cache: VectorCache, client: redis.Redis
+) -> None:
+    keys = [new_key() for _ in range(3)]
+    entries = {
+        keys[0]: vector(1, tokens=5),
+        keys[1]: vector(2, dim=3, truncated=True, tokens=512),
+        keys[2]: vector(3, dim=16),
+    }
+    await cache.put_many(entries)
+
+    await client.config_resetstat()
+    got = await cache.get_many([keys[2], new_key(), keys[0], keys[1]])
+    stats = await client.info("commandstats")
+
+    assert got[1] is None
+    assert_same(got[0], entries[keys[2]])
+    assert_same(got[2], entries[keys[0]])
+    assert_same(got[3], entries[keys[1]])
+    assert stats["cmdstat_mget"]["calls"] == 1
+    assert "cmdstat_get" not in stats
+
+
+async def test_put_many_sets_the_ttl(cache: VectorCache, client: redis.Redis) -> None:
+    key = new_key()
+    await cache.put_many({key: vector(4)})
+    assert 58 <= await client.ttl(key) <= 60
+
+
+async def test_keys_expire_after_the_ttl(redis_server: RedisServer, client: redis.Redis) -> None:
+    short = VectorCache(redis_server.url, ttl_s=1, timeout_s=0.2, retry_s=0.3)
+    try:
+        key = new_key()
+        await short.put_many({key: vector(5)})
+        assert 0 < await client.pttl(key) <= 1000
+        assert (await short.get_many([key]))[0] is not None
+        await asyncio.sleep(1.1)
+        assert await short.get_many([key]) == [None]
+        assert await client.exists(key) == 0
+    finally:
+        await short.close()
+
+
+async def test_disabled_cache_is_a_no_op() -> None:
+    disabled = VectorCache("", ttl_s=60, timeout_s=0.2, retry_s=0.3)
+    assert not disabled.enabled
+    await disabled.put_many({"k": vector(6)})
+    assert await disabled.get_many(["k", "j"]) == [None, None]
+    await disabled.close()
+
+
+async def test_dead_redis_is_bypassed_and_the_cache_comes_back_after_restart(
+    start_redis: Callable[..., RedisServer],
+) -> None:
+    server = start_redis()
+    port = server.port
+    vectors = VectorCache(server.url, ttl_s=60, timeout_s=0.2, retry_s=0.3)
+    try:
+        key, raw = new_key(), vector(7)
+        await vectors.put_many({key: raw})
+        assert_same((await vectors.get_many([key]))[0], raw)
+        get_errors, put_errors = cache_errors("get"), cache_errors("put")
+
+        server.kill()
+        start = time.monotonic()
+        assert await vectors.get_many([key, new_key()]) == [None, None]
+        assert time.monotonic() - start < 1.0
+        assert cache_errors("get") == get_errors + 1
+
+        # within retry_s Redis is not tried at all: no error, no latency
+        await vectors.put_many({key: raw})
+        assert await vectors.get_many([key]) == [None]
+        assert cache_errors("get") == get_errors + 1
+        assert cache_errors("put") == put_errors
+
+        await asyncio.sleep(0.35)
+        await vectors.put_many({key: raw})  # tried again, fails, does not raise
+        assert cache_errors("put") == put_errors + 1
+
+        restarted = start_redis(port=port)
+        assert restarted.url == server.url
+        await asyncio.sleep(0.35)
+        assert await vectors.get_many([key]) == [None]  # a fresh, empty redis
+        await vectors.put_many({key: raw})
+        assert_same((await vectors.get_many([key]))[0], raw)
+        assert cache_errors("get") == get_errors + 1
+        assert cache_errors("put") == put_errors + 1
+    finally:
+        await vectors.close()
+
+
+async def test_hung_redis_times_out_quickly_and_answers_are_not_mixed_up_afterwards(
+    start_redis: Callable[..., RedisServer],
+) -> None:
+    server = start_redis()
+    vectors = VectorCache(server.url, ttl_s=60, timeout_s=0.2, retry_s=0.3)
+    try:
+        first, second = new_key(), new_key()
+        entries = {first: vector(8), second: vector(9, dim=4)}
+        await vectors.put_many(entries)
+        get_errors = cache_errors("get")
+
+        server.signal(signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            assert await vectors.get_many([first]) == [None]
+            assert time.monotonic() - start < 1.0
+            assert cache_errors("get") == get_errors + 1
+        finally:
+            server.signal(signal.SIGCONT)
+
+        await asyncio.sleep(0.35)
+        # the late reply to the timed-out MGET must not be taken for this one's
+        got = await vectors.get_many([second, first])
+        assert_same(got[0], entries[second])
+        assert_same(got[1], entries[first])
+    finally:
+        await vectors.close()
