@@ -29,7 +29,8 @@ protos: $(GEN)/.stamp ## Build Python code (and mypy stubs) from the .proto file
 $(GEN)/.stamp: $(PROTOS)
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(PY) -m grpc_tools.protoc -I$(PROTO_DIR) --python_out=$(GEN) --grpc_python_out=$(GEN) \
-		--mypy_out=$(GEN) --mypy_grpc_out=$(GEN) $(PROTOS)
+		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --mypy_out=$(GEN) \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=$(GEN) $(PROTOS)
 	touch $(GEN)/embeddings/__init__.py $(GEN)/embeddings/v1/__init__.py $@
 
 test: protos ## The whole suite: unit and integration (real redis-server, real gRPC).

@@ -6,6 +6,7 @@ pass through untouched.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -47,34 +48,32 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             )
         return grpc.stream_stream_rpc_method_handler(self._streaming(handler.stream_stream, method), **codec)
 
+    @contextlib.asynccontextmanager
+    async def _observed(self, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
+        """Time and count one call; answer its caller for any exception raised inside."""
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except BaseException as error:
+            code = self._code_of(error, context)
+            await self._answer(error, context, method)
+            raise
+        finally:
+            self._record(method, code, started)
+
     def _unary(self, behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
+            async with self._observed(context, method):
                 return await behaviour(request, context)
-            except BaseException as error:
-                code = self._code_of(error, context)
-                await self._answer(error, context, method)
-                raise
-            finally:
-                self._record(method, code, started)
 
         return handle
 
     def _streaming(self, behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
+            async with self._observed(context, method):
                 async for response in behaviour(request, context):
                     yield response
-            except BaseException as error:
-                code = self._code_of(error, context)
-                await self._answer(error, context, method)
-                raise
-            finally:
-                self._record(method, code, started)
 
         return handle
 
@@ -82,7 +81,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     def _code_of(error: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
         if isinstance(error, ServiceError):
             return error.code
-        if isinstance(error, asyncio.CancelledError):
+        if isinstance(error, asyncio.CancelledError | GeneratorExit):  # the caller went away
             return grpc.StatusCode.CANCELLED
         if isinstance(error, grpc.aio.AbortError):
             return context.code() or grpc.StatusCode.UNKNOWN
@@ -93,7 +92,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if isinstance(error, ServiceError):
             log.info("%s.%s -> %s: %s", self._service, method, error.code.name, error.message)
             await context.abort(error.code, error.message)
-        elif not isinstance(error, asyncio.CancelledError | grpc.aio.AbortError):
+        elif not isinstance(error, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError):
             log.exception("%s.%s failed", self._service, method)
             await context.abort(
                 grpc.StatusCode.INTERNAL, f"internal error in {self._service}.{method}: {error!r}"

@@ -31,9 +31,14 @@ def shape(raw: np.ndarray, options: pb.EncodeOptions) -> list[pb.Vector]:
     if options.dimensions:
         matrix = matrix[:, : options.dimensions]
     if not options.HasField("normalize") or options.normalize:
-        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-        matrix = matrix / np.where(norms > 0, norms, 1.0)
+        matrix = l2_normalize(matrix)
     return [to_wire(row, options.dtype) for row in matrix]
+
+
+def l2_normalize(matrix: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (all-zero rows stay zero)."""
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.where(norms > 0, norms, 1.0)
 
 
 def to_wire(row: np.ndarray, dtype: int = pb.DTYPE_FLOAT32) -> pb.Vector:

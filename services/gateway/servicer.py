@@ -8,13 +8,14 @@ import numpy as np
 from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import gateway_pb2 as gw
 from embeddings.v1 import gateway_pb2_grpc as gw_grpc
+from embeddings.v1 import recommender_pb2 as rec
 from embeddings.v1 import types_pb2 as pb
 
 from services.common.backend import ModelCard
 from services.common.errors import InvalidArgument, Unimplemented
 from services.common.inputs import check_batch_size, kind_name, kind_of
 from services.common.streaming import ordered_pipeline
-from services.common.vectors import check_options, shape
+from services.common.vectors import check_options, l2_normalize, shape
 from services.gateway.encoding import CachingEncoder
 from services.gateway.routing import Router
 from services.gateway.settings import GatewaySettings
@@ -123,7 +124,8 @@ class GatewayService(gw_grpc.GatewayServicer):
             self._encoder.encode(query_card, request.queries, False, timeout, "queries"),
             self._encoder.encode(candidate_card, request.candidates, False, timeout, "candidates"),
         )
-        left, right = _unit_rows(queries.vectors), _unit_rows(candidates.vectors)
+        left = l2_normalize(np.stack([raw.values for raw in queries.vectors]))
+        right = l2_normalize(np.stack([raw.values for raw in candidates.vectors]))
         if pairwise:
             scores = np.einsum("ij,ij->i", left, right)
             rows, cols = len(scores), 1
@@ -154,21 +156,21 @@ class GatewayService(gw_grpc.GatewayServicer):
     async def Delete(self, request: gw.DeleteRequest, context: grpc.aio.ServicerContext) -> gw.DeleteResponse:
         raise _not_yet("Delete", "index shards")
 
-    async def Recommend(self, request, context):  # type: ignore[no-untyped-def]
+    async def Recommend(
+        self, request: rec.RecommendRequest, context: grpc.aio.ServicerContext
+    ) -> rec.RecommendResponse:
         raise _not_yet("Recommend", "the user-item worker")
 
-    async def SimilarItems(self, request, context):  # type: ignore[no-untyped-def]
+    async def SimilarItems(
+        self, request: rec.SimilarItemsRequest, context: grpc.aio.ServicerContext
+    ) -> rec.RecommendResponse:
         raise _not_yet("SimilarItems", "the user-item worker")
 
-    async def Fit(self, request_iterator, context):  # type: ignore[no-untyped-def]
+    async def Fit(
+        self, request_iterator: AsyncIterator[rec.FitRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[rec.FitProgress]:
         raise _not_yet("Fit", "the user-item worker")
         yield  # an async generator, as the streaming contract requires
-
-
-def _unit_rows(vectors: list) -> np.ndarray:
-    matrix = np.stack([raw.values for raw in vectors]).astype(np.float32)
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return matrix / np.where(norms > 0, norms, 1.0)
 
 
 def _not_yet(method: str, needs: str) -> Unimplemented:

@@ -10,7 +10,7 @@ from embeddings.v1 import encoder_pb2_grpc
 from embeddings.v1 import types_pb2 as pb
 
 from tests.clip_checkpoint import TinyClip
-from tests.helpers import cosine, texts, vectors
+from tests.helpers import cosine, metric, texts, vectors
 
 pytestmark = pytest.mark.integration
 
@@ -95,6 +95,24 @@ async def test_concurrent_requests_of_mixed_lengths(text_service) -> None:
     assert all(len(r.embeddings) == 1 and r.embeddings[0].vector.dim == 384 for r in responses)
     tokens = [r.embeddings[0].input_tokens for r in responses]
     assert tokens == [len(s.split()) + 2 for s in sentences]
+
+
+async def test_a_stream_the_caller_cancels_is_counted_as_cancelled(text_service) -> None:
+    async with grpc.aio.insecure_channel(text_service.address) as channel:
+        stub = encoder_pb2_grpc.EncoderStub(channel)
+
+        async def endless():  # type: ignore[no-untyped-def]
+            for i in range(10_000):
+                yield enc.EncodeRequest(request_id=str(i), inputs=texts(f"stream {i}"))
+                await asyncio.sleep(0.01)
+
+        call = stub.EncodeStream(endless())
+        assert (await call.read()).request_id == "0"
+        call.cancel()
+        await asyncio.sleep(0.5)
+        assert len((await stub.Encode(enc.EncodeRequest(inputs=texts("after")))).embeddings) == 1
+    assert metric(text_service.metrics_port, "rpc_requests_total", method="EncodeStream", code="CANCELLED") >= 1
+    assert metric(text_service.metrics_port, "rpc_requests_total", method="EncodeStream", code="INTERNAL") == 0
 
 
 BAD_REQUESTS = {
