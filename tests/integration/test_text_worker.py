@@ -111,8 +111,12 @@ async def test_a_stream_the_caller_cancels_is_counted_as_cancelled(text_service)
         call.cancel()
         await asyncio.sleep(0.5)
         assert len((await stub.Encode(enc.EncodeRequest(inputs=texts("after")))).embeddings) == 1
-    assert metric(text_service.metrics_port, "rpc_requests_total", method="EncodeStream", code="CANCELLED") >= 1
-    assert metric(text_service.metrics_port, "rpc_requests_total", method="EncodeStream", code="INTERNAL") == 0
+    assert (
+        metric(text_service.metrics_port, "rpc_requests_total", method="EncodeStream", code="CANCELLED") >= 1
+    )
+    assert (
+        metric(text_service.metrics_port, "rpc_requests_total", method="EncodeStream", code="INTERNAL") == 0
+    )
 
 
 BAD_REQUESTS = {
