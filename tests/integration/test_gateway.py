@@ -56,6 +56,18 @@ def test_hits_and_misses_come_back_in_request_order(gateway_stub) -> None:
     assert np.allclose(vectors(mixed), one_by_one, atol=1e-6)
 
 
+def test_encode_stream_answers_in_order_through_the_cache(gateway_stub) -> None:
+    repeated = unique("streamed twice")
+    requests = [
+        enc.EncodeRequest(request_id=f"r{i}", inputs=texts(repeated, unique(f"s{i}"))) for i in range(10)
+    ]
+    responses = list(gateway_stub.EncodeStream(iter(requests)))
+    assert [r.request_id for r in responses] == [f"r{i}" for i in range(10)]
+    assert all(r.model.id == "all-MiniLM-L6-v2" and len(r.embeddings) == 2 for r in responses)
+    assert sum(r.embeddings[0].cached for r in responses) >= 1  # later requests find the repeated sentence
+    assert not any(r.embeddings[1].cached for r in responses)
+
+
 def test_one_cache_entry_serves_every_option(gateway_stub) -> None:
     sentence = unique("options after the cache")
     full = vectors(gateway_stub.Encode(enc.EncodeRequest(inputs=texts(sentence))))[0]
