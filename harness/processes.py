@@ -8,8 +8,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -54,6 +57,9 @@ class Process:
             self.popen = subprocess.Popen(
                 self.argv, cwd=ROOT, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT
             )
+
+    def wait_ready(self) -> None:
+        """Block until the process answers (nothing to wait for by default)."""
 
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
@@ -153,6 +159,9 @@ class Service(Process):
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def wait_ready(self) -> None:
+        self.wait_serving()
+
     def wait_serving(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -162,6 +171,20 @@ class Service(Process):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} was not SERVING within {timeout:.0f}s:\n{self.log_tail()}")
+
+
+P = TypeVar("P", bound=Process)
+
+
+@contextmanager
+def running(process: P) -> Iterator[P]:
+    """Start `process` and wait until it answers; stop it (SIGTERM, then SIGKILL) on the way out."""
+    process.start()
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
 
 
 def text_worker(

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from embeddings.v1 import encoder_pb2_grpc, gateway_pb2_grpc
 
-from harness.processes import RedisServer, Service, gateway, text_worker
+from harness.processes import RedisServer, Service, gateway, running, text_worker
 from tests.clip_checkpoint import TinyClip, make_tiny_clip
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,32 +27,21 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> TinyClip:
 
 @pytest.fixture(scope="session")
 def redis_server(log_dir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(log_dir=log_dir)
-    server.start()
-    yield server
-    server.stop()
+    with running(RedisServer(log_dir=log_dir)) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
 def text_service(log_dir: Path, tiny_clip: TinyClip) -> Iterator[Service]:
-    worker = text_worker(tiny_clip.env(), log_dir)
-    worker.start()
-    try:
-        worker.wait_serving()
+    with running(text_worker(tiny_clip.env(), log_dir)) as worker:
         yield worker
-    finally:
-        worker.stop()
 
 
 @pytest.fixture(scope="session")
 def gateway_service(log_dir: Path, text_service: Service, redis_server: RedisServer) -> Iterator[Service]:
-    service = gateway([text_service.address], redis_server.url, {"GATEWAY_MODEL_REFRESH_S": "1"}, log_dir)
-    service.start()
-    try:
-        service.wait_serving()
+    settings = {"GATEWAY_MODEL_REFRESH_S": "1"}
+    with running(gateway([text_service.address], redis_server.url, settings, log_dir)) as service:
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture(scope="session")

@@ -64,6 +64,7 @@ class MicroBatcher(Generic[T, R]):
 
     @property
     def queued(self) -> int:
+        """Inputs waiting for a batch."""
         return len(self._queue)
 
     def start(self) -> None:

@@ -11,7 +11,7 @@ import pytest
 from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import encoder_pb2_grpc, gateway_pb2_grpc
 
-from harness.processes import RedisServer, Service, gateway, health_status, text_worker
+from harness.processes import RedisServer, Service, gateway, health_status, running, text_worker
 from tests.helpers import metric, texts
 
 pytestmark = pytest.mark.integration
@@ -21,24 +21,15 @@ LONG = "The quick brown fox jumps over the lazy dog while the band plays on. " *
 
 @pytest.fixture(scope="module")
 def own_redis(log_dir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(log_dir=log_dir)
-    server.start()
-    yield server
-    server.stop()
+    with running(RedisServer(log_dir=log_dir)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def cached_gateway(log_dir: Path, text_service: Service, own_redis: RedisServer) -> Iterator[Service]:
-    service = gateway(
-        [text_service.address],
-        own_redis.url,
-        {"GATEWAY_REDIS_TIMEOUT_S": "0.2", "GATEWAY_REDIS_RETRY_S": "0.5"},
-        log_dir,
-    )
-    service.start()
-    service.wait_serving()
-    yield service
-    service.stop()
+    settings = {"GATEWAY_REDIS_TIMEOUT_S": "0.2", "GATEWAY_REDIS_RETRY_S": "0.5"}
+    with running(gateway([text_service.address], own_redis.url, settings, log_dir)) as service:
+        yield service
 
 
 def test_redis_killed_mid_test_encodes_still_succeed_and_the_cache_comes_back(
@@ -57,10 +48,10 @@ def test_redis_killed_mid_test_encodes_still_succeed_and_the_cache_comes_back(
             assert [e.cached for e in response.embeddings] == [False, False]
         assert metric(cached_gateway.metrics_port, "cache_errors_total", op="get") >= 1
 
-        RedisServer(port=own_redis.port, log_dir=log_dir).start()  # an empty Redis, as after a crash
-        time.sleep(0.6)  # past GATEWAY_REDIS_RETRY_S
-        stub.Encode(enc.EncodeRequest(inputs=texts("after the outage")))
-        assert stub.Encode(enc.EncodeRequest(inputs=texts("after the outage"))).embeddings[0].cached
+        with running(RedisServer(port=own_redis.port, log_dir=log_dir)):  # empty, as after a crash
+            time.sleep(0.6)  # past GATEWAY_REDIS_RETRY_S
+            stub.Encode(enc.EncodeRequest(inputs=texts("after the outage")))
+            assert stub.Encode(enc.EncodeRequest(inputs=texts("after the outage"))).embeddings[0].cached
 
 
 @pytest.fixture(scope="module")
@@ -116,33 +107,31 @@ async def test_overload_gets_resource_exhausted_then_serves(lifecycle_worker: Se
 
 
 def test_gateway_answers_unavailable_while_its_worker_is_down_then_recovers(
-    lifecycle_worker: Service, log_dir: Path, redis_server: RedisServer
+    lifecycle_worker: Service, log_dir: Path
 ) -> None:
-    service = gateway([lifecycle_worker.address], "", {"GATEWAY_WORKER_RECONNECT_MAX_S": "0.5"}, log_dir)
-    service.start()
-    try:
-        service.wait_serving()
-        with grpc.insecure_channel(service.address) as channel:
-            stub = gateway_pb2_grpc.GatewayStub(channel)
-            assert stub.Encode(enc.EncodeRequest(inputs=texts("up")), timeout=10).embeddings
-            lifecycle_worker.kill()
-            with pytest.raises(grpc.RpcError) as caught:
-                stub.Encode(enc.EncodeRequest(inputs=texts("down")), timeout=10)
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert lifecycle_worker.address in caught.value.details()
+    settings = {"GATEWAY_WORKER_RECONNECT_MAX_S": "0.5"}
+    with (
+        running(gateway([lifecycle_worker.address], "", settings, log_dir)) as service,
+        grpc.insecure_channel(service.address) as channel,
+    ):
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        assert stub.Encode(enc.EncodeRequest(inputs=texts("up")), timeout=10).embeddings
+        lifecycle_worker.kill()
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Encode(enc.EncodeRequest(inputs=texts("down")), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert lifecycle_worker.address in caught.value.details()
 
-            lifecycle_worker.start()  # same port
-            lifecycle_worker.wait_serving()
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    assert stub.Encode(enc.EncodeRequest(inputs=texts("back")), timeout=10).embeddings
-                    break
-                except grpc.RpcError as error:
-                    assert error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline
-                    time.sleep(0.2)
-    finally:
-        service.stop()
+        lifecycle_worker.start()  # same port
+        lifecycle_worker.wait_serving()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert stub.Encode(enc.EncodeRequest(inputs=texts("back")), timeout=10).embeddings
+                break
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline
+                time.sleep(0.2)
 
 
 async def test_sigterm_finishes_in_flight_calls_then_exits(lifecycle_worker: Service) -> None:

@@ -4,16 +4,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from harness.processes import RedisServer
+from harness.processes import RedisServer, running
 
 
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
     """One redis-server shared by a module's tests (they use distinct keys)."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.kill()
+    with running(RedisServer()) as server:
+        yield server
 
 
 @pytest.fixture
