@@ -26,6 +26,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def new_log_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="embeddings-logs-"))
+
+
+def redis_answers(port: int) -> bool:
+    """A Redis server answers PING on 127.0.0.1:`port`."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 def health_status(address: str, timeout: float = 1.0) -> str:
     """SERVING / NOT_SERVING / ... of the whole server, or UNREACHABLE."""
     with grpc.insecure_channel(address) as channel:
@@ -45,7 +59,7 @@ class Process:
     name: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
-    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="embeddings-logs-")))
+    log_dir: Path = field(default_factory=new_log_dir)
     popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -109,7 +123,7 @@ class RedisServer(Process):
         if binary is None:
             raise RuntimeError("redis-server is not installed: run `make setup`")
         argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        super().__init__("redis", argv, log_dir=log_dir or Path(tempfile.mkdtemp(prefix="embeddings-logs-")))
+        super().__init__("redis", argv, log_dir=log_dir or new_log_dir())
 
     @property
     def url(self) -> str:
@@ -119,13 +133,9 @@ class RedisServer(Process):
         super().start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
+            if redis_answers(self.port):
+                return
+            time.sleep(0.05)
         raise RuntimeError(f"redis-server did not start on port {self.port}:\n{self.log_tail()}")
 
 
@@ -152,7 +162,7 @@ class Service(Process):
             module,
             [sys.executable, "-m", f"services.{module}"],
             settings,
-            log_dir=log_dir or Path(tempfile.mkdtemp(prefix="embeddings-logs-")),
+            log_dir=log_dir or new_log_dir(),
         )
 
     @property

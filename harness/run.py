@@ -6,21 +6,11 @@ Redis 6379 (REDIS_PORT; an already running Redis there is used as it is), metric
 
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
 
-from harness.processes import RedisServer, Service, gateway, text_worker
-
-
-def _redis_answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
+from harness.processes import RedisServer, Service, gateway, redis_answers, text_worker
 
 
 def main() -> None:
@@ -31,7 +21,7 @@ def main() -> None:
     gateway_port = int(os.environ.get("GATEWAY_PORT", "50051"))
 
     children: list[RedisServer | Service] = []
-    if not _redis_answers(redis_port):
+    if not redis_answers(redis_port):
         redis = RedisServer(redis_port, log_dir)
         redis.start()
         children.append(redis)
