@@ -4,6 +4,7 @@ distinct input once) to the worker, write them back, and return results in reque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from embeddings.v1 import types_pb2 as pb
 
 from services.common import metrics
@@ -19,6 +20,10 @@ class Encoded:
     model: pb.ModelRef
     vectors: list[RawVector]
     cached: list[bool]
+
+    def matrix(self) -> np.ndarray:
+        """The raw vectors as rows of one float32 matrix."""
+        return np.stack([raw.values for raw in self.vectors])
 
 
 class CachingEncoder:

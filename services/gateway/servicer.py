@@ -87,7 +87,7 @@ class GatewayService(gw_grpc.GatewayServicer):
         card = self._card_for(request.model, request.inputs, "inputs")
         check_options(request.options, card.dimension, card.id)
         encoded = await self._encoder.encode(card, request.inputs, request.options.strict, timeout)
-        vectors = shape(np.stack([raw.values for raw in encoded.vectors]), request.options)
+        vectors = shape(encoded.matrix(), request.options)
         return enc.EncodeResponse(
             model=encoded.model,
             request_id=request.request_id,
@@ -124,8 +124,7 @@ class GatewayService(gw_grpc.GatewayServicer):
             self._encoder.encode(query_card, request.queries, False, timeout, "queries"),
             self._encoder.encode(candidate_card, request.candidates, False, timeout, "candidates"),
         )
-        left = l2_normalize(np.stack([raw.values for raw in queries.vectors]))
-        right = l2_normalize(np.stack([raw.values for raw in candidates.vectors]))
+        left, right = l2_normalize(queries.matrix()), l2_normalize(candidates.matrix())
         if pairwise:
             scores = np.einsum("ij,ij->i", left, right)
             rows, cols = len(scores), 1
