@@ -203,6 +203,12 @@ def text_worker(
     return Service("text", "TEXT_", env, log_dir, port)
 
 
+def image_worker(
+    env: dict[str, str] | None = None, log_dir: Path | None = None, port: int | None = None
+) -> Service:
+    return Service("image", "IMAGE_", env, log_dir, port)
+
+
 def gateway(
     workers: list[str],
     redis_url: str,

@@ -1,7 +1,9 @@
-"""`make run`: Redis, the text worker and the gateway on this machine, on fixed ports; Ctrl-C stops all.
+"""`make run`: Redis, the text and image workers and the gateway on this machine, on fixed ports; Ctrl-C
+stops all.
 
-Ports (override with the environment): gateway 50051 (GATEWAY_PORT), text worker 50061 (TEXT_PORT),
-Redis 6379 (REDIS_PORT; an already running Redis there is used as it is), metrics 9150 / 9161.
+Ports (override with the environment): gateway 50051 (GATEWAY_PORT), text worker 50061 (TEXT_PORT), image
+worker 50062 (IMAGE_PORT), Redis 6379 (REDIS_PORT; an already running Redis there is used as it is),
+metrics 9150 / 9161 / 9162.
 """
 
 import os
@@ -10,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.processes import RedisServer, Service, gateway, redis_answers, text_worker
+from harness.processes import RedisServer, Service, gateway, image_worker, redis_answers, text_worker
 
 
 def main() -> None:
@@ -18,6 +20,7 @@ def main() -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     redis_port = int(os.environ.get("REDIS_PORT", "6379"))
     text_port = int(os.environ.get("TEXT_PORT", "50061"))
+    image_port = int(os.environ.get("IMAGE_PORT", "50062"))
     gateway_port = int(os.environ.get("GATEWAY_PORT", "50051"))
 
     children: list[RedisServer | Service] = []
@@ -25,9 +28,12 @@ def main() -> None:
         redis = RedisServer(redis_port, log_dir)
         redis.start()
         children.append(redis)
-    text = text_worker({"TEXT_HOST": "0.0.0.0", "TEXT_METRICS_PORT": "9161"}, log_dir, text_port)
+    workers = [
+        text_worker({"TEXT_HOST": "0.0.0.0", "TEXT_METRICS_PORT": "9161"}, log_dir, text_port),
+        image_worker({"IMAGE_HOST": "0.0.0.0", "IMAGE_METRICS_PORT": "9162"}, log_dir, image_port),
+    ]
     gate = gateway(
-        [f"127.0.0.1:{text_port}"],
+        [worker.address for worker in workers],
         f"redis://127.0.0.1:{redis_port}/0",
         {"GATEWAY_HOST": "0.0.0.0", "GATEWAY_METRICS_PORT": "9150"},
         log_dir,
@@ -42,15 +48,16 @@ def main() -> None:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        for service in (text, gate):
+        for service in (*workers, gate):
             service.start()
             children.append(service)
         print(f"starting: logs in {log_dir}/ ...", flush=True)
-        text.wait_serving()
-        gate.wait_serving()
+        for service in (*workers, gate):
+            service.wait_serving()
         print(
             f"ready: gateway on localhost:{gateway_port} (metrics :9150), text worker on localhost:{text_port} "
-            f"(metrics :9161), redis on localhost:{redis_port}. Ctrl-C stops all.",
+            f"(metrics :9161), image worker on localhost:{image_port} (metrics :9162), redis on "
+            f"localhost:{redis_port}. Ctrl-C stops all.",
             flush=True,
         )
         while not stopping and all(child.running() for child in children):

@@ -45,3 +45,18 @@ class ClipSettings(BaseSettings):
     @property
     def space_id(self) -> str:
         return self.space or f"clip-{self.model}"
+
+
+class WorkerSettings(ServiceSettings):
+    """What every encoder worker adds: request limits, micro-batching and torch threads."""
+
+    max_inputs_per_request: int = Field(256, description="Most inputs in one Encode request.")
+    max_batch_size: int = Field(32, description="Most inputs in one model batch.")
+    max_wait_ms: float = Field(
+        1.0,
+        description="Longest an input waits for its batch to fill (under load batches fill while the "
+        "model runs, so a longer wait only adds latency).",
+    )
+    max_queue: int = Field(2048, description="Most inputs waiting; past it: RESOURCE_EXHAUSTED.")
+    stream_window: int = Field(8, description="Requests of one EncodeStream handled at once.")
+    torch_threads: int = Field(0, description="torch intra-op threads; 0: one per core.")

@@ -102,6 +102,15 @@ class Router:
     def cards(self) -> list[ModelCard]:
         return [self.card(model) for model in sorted(self._routes)]
 
+    @property
+    def spaces(self) -> dict[int, set[str]]:
+        """For each input kind, the spaces some served model writes that kind into."""
+        spaces: dict[int, set[str]] = {}
+        for card in self.cards:
+            for kind in card.input_kinds:
+                spaces.setdefault(kind, set()).add(card.space)
+        return spaces
+
     def card(self, model_id: str) -> ModelCard:
         workers = self._routes.get(model_id)
         if not workers:

@@ -109,9 +109,10 @@ class GatewayService(gw_grpc.GatewayServicer):
                 f"mode PAIRWISE needs as many candidates as queries; got {len(request.queries)} queries "
                 f"and {len(request.candidates)} candidates"
             )
-        query_card = self._card_for(request.query_model, request.queries, "queries", request.space)
+        space = request.space or self._shared_space(request)
+        query_card = self._card_for(request.query_model, request.queries, "queries", space)
         candidate_card = self._card_for(
-            request.candidate_model, request.candidates, "candidates", request.space or query_card.space
+            request.candidate_model, request.candidates, "candidates", space or query_card.space
         )
         if candidate_card.space != query_card.space:
             raise InvalidArgument(
@@ -139,6 +140,27 @@ class GatewayService(gw_grpc.GatewayServicer):
             query_model=queries.model,
             candidate_model=candidates.model,
         )
+
+    def _shared_space(self, request: gw.SimilarityRequest) -> str:
+        """With no model named and queries and candidates of different kinds (text against images), a
+        space where both kinds have a model: the default query model's space first, then the default
+        candidate model's. Empty when there is none, or nothing to choose."""
+        if request.query_model or request.candidate_model:
+            return ""
+        query_kinds = {kind_of(item, index) for index, item in enumerate(request.queries)}
+        candidate_kinds = {kind_of(item, index) for index, item in enumerate(request.candidates)}
+        if len(query_kinds) != 1 or len(candidate_kinds) != 1 or query_kinds == candidate_kinds:
+            return ""
+        (query_kind,), (candidate_kind,) = query_kinds, candidate_kinds
+        spaces = self._router.spaces
+        shared = spaces.get(query_kind, set()) & spaces.get(candidate_kind, set())
+        if not shared:
+            return ""
+        for kind in (query_kind, candidate_kind):
+            space = self._router.default_card(kind, self._preferred.get(kind, "")).space
+            if space in shared:
+                return space
+        return min(shared, default="")
 
     async def Search(self, request: gw.SearchRequest, context: grpc.aio.ServicerContext) -> gw.SearchResponse:
         raise _not_yet("Search", "index shards")

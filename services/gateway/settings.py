@@ -12,7 +12,7 @@ class GatewaySettings(ServiceSettings):
     port: int = Field(50051, description="gRPC port of the public API.")
     metrics_port: int = Field(9150, description="Prometheus /metrics port; 0 disables it.")
     workers: str = Field(
-        "localhost:50061",
+        "localhost:50061,localhost:50062",
         description="Comma-separated worker addresses; the gateway asks each which models it serves.",
     )
     model_refresh_s: float = Field(5.0, description="How often the workers' model lists are refreshed.")

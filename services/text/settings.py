@@ -3,10 +3,10 @@
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ClipSettings, ServiceSettings
+from services.common.settings import ClipSettings, WorkerSettings
 
 
-class TextSettings(ServiceSettings):
+class TextSettings(WorkerSettings):
     model_config = SettingsConfigDict(env_prefix="TEXT_", extra="ignore")
 
     port: int = Field(50061, description="gRPC port.")
@@ -22,14 +22,4 @@ class TextSettings(ServiceSettings):
     max_text_chars: int = Field(
         50_000, description="Longest text accepted, in characters; longer: INVALID_ARGUMENT."
     )
-    max_inputs_per_request: int = Field(256, description="Most inputs in one Encode request.")
-    max_batch_size: int = Field(32, description="Most inputs in one model batch.")
-    max_wait_ms: float = Field(
-        1.0,
-        description="Longest an input waits for its batch to fill (under load batches fill while the "
-        "model runs, so a longer wait only adds latency).",
-    )
-    max_queue: int = Field(2048, description="Most inputs waiting; past it: RESOURCE_EXHAUSTED.")
-    stream_window: int = Field(8, description="Requests of one EncodeStream handled at once.")
-    torch_threads: int = Field(0, description="torch intra-op threads; 0: one per core.")
     clip: ClipSettings = Field(default_factory=ClipSettings, description="The CLIP_* settings.")

@@ -1,0 +1,104 @@
+"""Decoding untrusted image bytes into RGB pictures, with limits checked before the pixels are decoded.
+
+Accepted: JPEG (and camera MPO), PNG, WebP, GIF and BMP; animated files give their first frame. EXIF
+orientation is applied; grayscale, palette, CMYK, 16-bit and transparent images become plain 8-bit RGB
+(transparency composited over white). Everything else is INVALID_ARGUMENT naming the input and the limit.
+"""
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from services.common.errors import InvalidArgument
+
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # camera MPO files open as JPEG
+_BACKGROUND = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int
+    max_pixels: int
+    max_aspect_ratio: float
+
+
+def decode_image(data: bytes, index: int, limits: ImageLimits, draft_side: int = 0) -> Image.Image:
+    """The RGB picture in `data` (inputs[`index`] in messages).
+
+    `draft_side`: the shortest side the model's transform needs; a JPEG at least four times larger is
+    decoded at a reduced scale (DCT scaling, still at least twice that side), which is much faster.
+    """
+    field = f"inputs[{index}].image"
+    if not data:
+        raise InvalidArgument(f"{field} is empty (0 bytes); send the bytes of a {', '.join(FORMATS)} file")
+    if len(data) > limits.max_bytes:
+        raise InvalidArgument(
+            f"{field} is {len(data)} bytes; the limit is {limits.max_bytes} (IMAGE_MAX_IMAGE_BYTES): "
+            "send a smaller or more compressed image"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _too_many_pixels(field, None, limits) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise InvalidArgument(
+            f"{field} is not a readable image ({type(error).__name__}); send a {', '.join(FORMATS)} file"
+        ) from None
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise _too_many_pixels(field, (width, height), limits)
+    if width < 1 or height < 1 or max(width, height) / min(width, height) > limits.max_aspect_ratio:
+        raise InvalidArgument(
+            f"{field} is {width}x{height}; the longest side may be at most {limits.max_aspect_ratio:g} times "
+            "the shortest (IMAGE_MAX_ASPECT_RATIO): crop it first"
+        )
+    if draft_side and image.format in ("JPEG", "MPO") and min(width, height) >= 4 * draft_side:
+        scale = 2 * draft_side / min(width, height)
+        image.draft("RGB", (int(width * scale) + 1, int(height * scale) + 1))
+    try:
+        image.load()
+        return _to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise InvalidArgument(
+            f"{field} could not be decoded ({type(error).__name__}: {error}); the file is truncated or corrupt"
+        ) from None
+
+
+def _too_many_pixels(field: str, size: tuple[int, int] | None, limits: ImageLimits) -> InvalidArgument:
+    has = f"is {size[0]}x{size[1]} = {size[0] * size[1]} pixels" if size else "has too many pixels"
+    return InvalidArgument(
+        f"{field} {has}; the limit is {limits.max_pixels} pixels (IMAGE_MAX_IMAGE_PIXELS): "
+        "send a downscaled image"
+    )
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB, whatever the file's mode."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        return Image.fromarray(_to_8_bit(np.asarray(image)), "L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _to_8_bit(values: np.ndarray) -> np.ndarray:
+    """Grayscale of 16-bit (or 32-bit integer / float) samples scaled to 0..255."""
+    floating = values.dtype.kind == "f"
+    samples = values.astype(np.float32)
+    peak = float(samples.max()) if samples.size else 0.0
+    if peak > 255:
+        samples *= 255.0 / 65535.0
+    elif floating and peak <= 1.0:
+        samples *= 255.0
+    return np.clip(np.rint(samples), 0, 255).astype(np.uint8)
