@@ -31,12 +31,14 @@ class TinyClip:
         }
 
     def load_reference(self):  # type: ignore[no-untyped-def]
-        """open_clip's own model and tokenizer on the same checkpoint."""
+        """open_clip's own model, tokenizer and image transform on the same checkpoint."""
         import open_clip
 
         open_clip.add_model_config(self.config)
-        model, _, _ = open_clip.create_model_and_transforms(self.name, pretrained=str(self.checkpoint))
-        return model.eval(), open_clip.get_tokenizer(self.name)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            self.name, pretrained=str(self.checkpoint)
+        )
+        return model.eval(), open_clip.get_tokenizer(self.name), preprocess
 
 
 def make_tiny_clip(directory: Path) -> TinyClip:

@@ -1,5 +1,6 @@
-"""Session fixtures: a real redis-server, a real text worker (MiniLM + a tiny CLIP checkpoint) and a real
-gateway, each a separate process on free loopback ports, stopped at the end of the session."""
+"""Session fixtures: a real redis-server, a real text worker (MiniLM + a tiny CLIP checkpoint), a real image
+worker (EfficientNet-Lite0, the label space, a ResNet-18 checkpoint and the tiny CLIP's image tower) and a
+real gateway in front of both, each a separate process on free loopback ports, stopped at the end."""
 
 import os
 from collections.abc import Iterator
@@ -9,8 +10,9 @@ import grpc
 import pytest
 from embeddings.v1 import encoder_pb2_grpc, gateway_pb2_grpc
 
-from harness.processes import RedisServer, Service, gateway, running, text_worker
+from harness.processes import RedisServer, Service, gateway, image_worker, running, text_worker
 from tests.clip_checkpoint import TinyClip, make_tiny_clip
+from tests.resnet_checkpoint import make_resnet18_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,15 +40,44 @@ def text_service(log_dir: Path, tiny_clip: TinyClip) -> Iterator[Service]:
 
 
 @pytest.fixture(scope="session")
-def gateway_service(log_dir: Path, text_service: Service, redis_server: RedisServer) -> Iterator[Service]:
+def resnet18_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_resnet18_checkpoint(tmp_path_factory.mktemp("resnet"))
+
+
+@pytest.fixture(scope="session")
+def image_service(
+    log_dir: Path, tiny_clip: TinyClip, resnet18_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    settings = {
+        **tiny_clip.env(),
+        "IMAGE_RESNET_MODEL": "resnet18",
+        "IMAGE_RESNET_CHECKPOINT": str(resnet18_checkpoint),
+        "IMAGE_CACHE_DIR": str(tmp_path_factory.mktemp("image-cache")),
+        "IMAGE_MAX_IMAGE_BYTES": "2000000",
+    }
+    with running(image_worker(settings, log_dir)) as worker:
+        yield worker
+
+
+@pytest.fixture(scope="session")
+def gateway_service(
+    log_dir: Path, text_service: Service, image_service: Service, redis_server: RedisServer
+) -> Iterator[Service]:
     settings = {"GATEWAY_MODEL_REFRESH_S": "1"}
-    with running(gateway([text_service.address], redis_server.url, settings, log_dir)) as service:
+    workers = [text_service.address, image_service.address]
+    with running(gateway(workers, redis_server.url, settings, log_dir)) as service:
         yield service
 
 
 @pytest.fixture(scope="session")
 def worker_stub(text_service: Service) -> Iterator[encoder_pb2_grpc.EncoderStub]:
     with grpc.insecure_channel(text_service.address) as channel:
+        yield encoder_pb2_grpc.EncoderStub(channel)
+
+
+@pytest.fixture(scope="session")
+def image_stub(image_service: Service) -> Iterator[encoder_pb2_grpc.EncoderStub]:
+    with grpc.insecure_channel(image_service.address) as channel:
         yield encoder_pb2_grpc.EncoderStub(channel)
 
 

@@ -7,13 +7,20 @@ from pydantic_settings import BaseSettings
 
 from services.common.settings import ClipSettings
 from services.gateway.settings import GatewaySettings
+from services.image.settings import ImageSettings
 from services.text.settings import TextSettings
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
 @pytest.mark.parametrize(
-    ("settings", "prefix"), [(TextSettings, "TEXT_"), (ClipSettings, "CLIP_"), (GatewaySettings, "GATEWAY_")]
+    ("settings", "prefix"),
+    [
+        (TextSettings, "TEXT_"),
+        (ImageSettings, "IMAGE_"),
+        (ClipSettings, "CLIP_"),
+        (GatewaySettings, "GATEWAY_"),
+    ],
 )
 def test_every_setting_is_in_the_readme_with_its_default(settings: type[BaseSettings], prefix: str) -> None:
     for name, field in settings.model_fields.items():

@@ -22,7 +22,14 @@ def unique(label: str) -> str:
 
 def test_list_models_gathers_the_workers_models(gateway_stub, tiny_clip: TinyClip) -> None:
     ids = {m.id for m in gateway_stub.ListModels(enc.ListModelsRequest()).models}
-    assert ids == {"all-MiniLM-L6-v2", f"{tiny_clip.space}-text"}
+    assert ids == {
+        "all-MiniLM-L6-v2",
+        f"{tiny_clip.space}-text",
+        "efficientnet-lite0",
+        "imagenet-label-space",
+        "resnet18",
+        f"{tiny_clip.space}-image",
+    }
 
 
 def test_encode_equals_sentence_transformers(gateway_stub, minilm) -> None:
@@ -137,9 +144,9 @@ BAD_REQUESTS = {
         lambda s: s.Encode(enc.EncodeRequest(model="nope", inputs=texts("a"))),
         "'nope' is not served",
     ),
-    "image with no image model": (
-        lambda s: s.Encode(enc.EncodeRequest(inputs=[pb.Input(image=b"x")])),
-        "image inputs",
+    "image the text model cannot take": (
+        lambda s: s.Encode(enc.EncodeRequest(model="all-MiniLM-L6-v2", inputs=[pb.Input(image=b"x")])),
+        "does not accept image inputs",
     ),
     "mixed kinds, no model": (
         lambda s: s.Encode(enc.EncodeRequest(inputs=[pb.Input(text="a"), pb.Input(image=b"x")])),
@@ -193,7 +200,7 @@ def test_calls_that_need_later_services_say_so(gateway_stub) -> None:
     assert "index shards" in caught.value.details()
 
 
-def test_health_and_reflection_are_on(gateway_service, text_service) -> None:
+def test_health_and_reflection_are_on(gateway_service, text_service, image_service) -> None:
     """grpcurl and Kubernetes gRPC probes work out of the box: reflection lists the services."""
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -202,6 +209,7 @@ def test_health_and_reflection_are_on(gateway_service, text_service) -> None:
     for service, expected in (
         (gateway_service, "embeddings.v1.Gateway"),
         (text_service, "embeddings.v1.Encoder"),
+        (image_service, "embeddings.v1.Encoder"),
     ):
         assert health_status(service.address) == "SERVING"
         with grpc.insecure_channel(service.address) as channel:

@@ -48,7 +48,7 @@ def test_encode_equals_sentence_transformers(worker_stub, minilm) -> None:
 def test_clip_text_tower_equals_open_clip(worker_stub, tiny_clip: TinyClip) -> None:
     import torch
 
-    model, tokenizer = tiny_clip.load_reference()
+    model, tokenizer, _ = tiny_clip.load_reference()
     with torch.inference_mode():
         expected = model.encode_text(tokenizer(SENTENCES[:4])).numpy()
     response = worker_stub.Encode(
