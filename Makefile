@@ -8,7 +8,7 @@ PROTO_DIR := protos
 PROTOS := $(wildcard $(PROTO_DIR)/embeddings/v1/*.proto)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup deps redis-server protos test test-unit run bench lint clean
+.PHONY: setup deps redis-server protos test test-unit run bench bench-image lint clean
 
 setup: deps redis-server protos ## Install everything: Python deps (pinned), redis-server, generated contracts.
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
@@ -44,6 +44,10 @@ run: protos ## Redis, the text worker and the gateway on documented ports; Ctrl-
 
 bench: protos ## Throughput figures with their in-process baselines (not a test).
 	$(PY) bench/text_throughput.py
+	$(PY) bench/image_throughput.py
+
+bench-image: protos ## Image throughput figures only.
+	$(PY) bench/image_throughput.py
 
 lint:
 	$(VENV)/bin/ruff check services harness tests bench
