@@ -39,7 +39,7 @@ test: protos ## The whole suite: unit and integration (real redis-server, real g
 test-unit: protos
 	$(PY) -m pytest -q -m "not integration"
 
-run: protos ## Redis, the text worker and the gateway on documented ports; Ctrl-C stops all.
+run: protos ## Redis, the text and image workers and the gateway on documented ports; Ctrl-C stops all.
 	$(PY) -m harness.run
 
 bench: protos ## Throughput figures with their in-process baselines (not a test).
