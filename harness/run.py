@@ -48,12 +48,16 @@ def main() -> None:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        for service in (*workers, gate):
-            service.start()
-            children.append(service)
+        for worker in workers:
+            worker.start()
+            children.append(worker)
         print(f"starting: logs in {log_dir}/ ...", flush=True)
-        for service in (*workers, gate):
-            service.wait_serving()
+        for worker in workers:
+            worker.wait_serving()
+        # Started once every worker serves, the gateway learns all their models before it reports SERVING.
+        gate.start()
+        children.append(gate)
+        gate.wait_serving()
         print(
             f"ready: gateway on localhost:{gateway_port} (metrics :9150), text worker on localhost:{text_port} "
             f"(metrics :9161), image worker on localhost:{image_port} (metrics :9162), redis on "

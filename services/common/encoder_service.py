@@ -56,8 +56,13 @@ class EncoderService(enc_grpc.EncoderServicer):
         return [model.card for model in self._models.values()]
 
     async def start(self) -> None:
-        """Load every backend, start its batcher, and prove it encodes (raises if one does not)."""
+        """Load every backend, start its batcher, and prove it encodes (raises if one does not).
+
+        The models are published (ListModels, Encode) only once all of them work, so a router never
+        learns a partial list from a worker that is still loading.
+        """
         loop = asyncio.get_running_loop()
+        loaded: dict[str, _LoadedModel] = {}
         for backend in self._backends:
             card = await loop.run_in_executor(self._model_thread, backend.load)
             batcher: MicroBatcher = MicroBatcher(
@@ -74,10 +79,11 @@ class EncoderService(enc_grpc.EncoderServicer):
             vector = probe[0][0]
             if vector.shape != (card.dimension,) or not np.all(np.isfinite(vector)):
                 raise RuntimeError(f"model {card.id} failed its probe encode: shape {vector.shape}")
-            self._models[card.id] = model
+            loaded[card.id] = model
             log.info(
                 "loaded %s (version %s, %d-d, space %s)", card.id, card.version, card.dimension, card.space
             )
+        self._models = loaded
 
     async def close(self) -> None:
         for model in self._models.values():
