@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.common.backend import ModelCard
 from services.common.settings import ClipSettings
 from services.common.weights import content_version
 
@@ -15,6 +16,22 @@ class LoadedClip:
     tokenizer: Any
     dimension: int
     version: str
+
+
+def tower_card(
+    settings: ClipSettings, clip: LoadedClip, tower: str, kind: int, max_input_tokens: int = 0
+) -> ModelCard:
+    """The card of one tower (`tower`: "text" or "image"): id clip-<model>-<tower>, in the model's space,
+    so the two workers' towers of one checkpoint share a space and a version."""
+    return ModelCard(
+        id=f"{settings.space_id}-{tower}",
+        version=clip.version,
+        dimension=clip.dimension,
+        space=settings.space_id,
+        input_kinds=(kind,),
+        max_input_tokens=max_input_tokens,
+        description=f"open_clip {settings.model} {tower} tower from {settings.checkpoint}",
+    )
 
 
 def load_clip(settings: ClipSettings) -> LoadedClip:

@@ -5,7 +5,7 @@ import torch
 from embeddings.v1 import types_pb2 as pb
 
 from services.common.backend import ModelCard
-from services.common.clip import load_clip
+from services.common.clip import load_clip, tower_card
 from services.common.settings import ClipSettings
 from services.image.backends.base import ImageBackend
 from services.image.decoding import ImageLimits
@@ -15,7 +15,6 @@ class ClipImageBackend(ImageBackend):
     def __init__(self, settings: ClipSettings, limits: ImageLimits) -> None:
         super().__init__(limits)
         self._settings = settings
-        self._id = f"{settings.space_id}-image"
 
     def load(self) -> ModelCard:
         clip = load_clip(self._settings)
@@ -23,14 +22,7 @@ class ClipImageBackend(ImageBackend):
         self.transform = clip.preprocess
         size = getattr(clip.model.visual, "image_size", 224)
         self.input_side = int(size[0] if isinstance(size, tuple | list) else size)
-        self.card = ModelCard(
-            id=self._id,
-            version=clip.version,
-            dimension=clip.dimension,
-            space=self._settings.space_id,
-            input_kinds=(pb.INPUT_KIND_IMAGE,),
-            description=f"open_clip {self._settings.model} image tower from {self._settings.checkpoint}",
-        )
+        self.card = tower_card(self._settings, clip, "image", pb.INPUT_KIND_IMAGE)
         return self.card
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from embeddings.v1 import types_pb2 as pb
 
 from services.common.backend import EncoderBackend, ModelCard, Prepared
-from services.common.clip import load_clip
+from services.common.clip import load_clip, tower_card
 from services.common.settings import ClipSettings
 from services.text.backends.text_inputs import texts_of, too_long
 
@@ -16,7 +16,6 @@ from services.text.backends.text_inputs import texts_of, too_long
 class ClipTextBackend(EncoderBackend):
     def __init__(self, settings: ClipSettings, max_chars: int) -> None:
         self._settings = settings
-        self._id = f"{settings.space_id}-text"
         self._max_chars = max_chars
 
     def load(self) -> ModelCard:
@@ -27,15 +26,7 @@ class ClipTextBackend(EncoderBackend):
         # Hugging Face tokenizers keep per-call state: counting (prepare thread) gets its own copy.
         self._counting_tokenizer = copy.deepcopy(clip.tokenizer)
         self._context = int(clip.tokenizer.context_length)
-        self.card = ModelCard(
-            id=self._id,
-            version=clip.version,
-            dimension=clip.dimension,
-            space=self._settings.space_id,
-            input_kinds=(pb.INPUT_KIND_TEXT,),
-            max_input_tokens=self._context,
-            description=f"open_clip {self._settings.model} text tower from {self._settings.checkpoint}",
-        )
+        self.card = tower_card(self._settings, clip, "text", pb.INPUT_KIND_TEXT, self._context)
         return self.card
 
     def _count_tokens(self, text: str) -> int:
@@ -46,10 +37,10 @@ class ClipTextBackend(EncoderBackend):
 
     def prepare(self, inputs: Sequence[pb.Input], strict: bool) -> list[Prepared]:
         prepared = []
-        for index, text in enumerate(texts_of(inputs, self._id, self._max_chars)):
+        for index, text in enumerate(texts_of(inputs, self.card.id, self._max_chars)):
             count = self._count_tokens(text)
             if strict and count > self._context:
-                raise too_long(index, count, self._context, self._id)
+                raise too_long(index, count, self._context, self.card.id)
             prepared.append(Prepared(text, min(count, self._context), count > self._context))
         return prepared
 
