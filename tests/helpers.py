@@ -13,6 +13,10 @@ def texts(*values: str) -> list[pb.Input]:
     return [pb.Input(text=value) for value in values]
 
 
+def images(*payloads: bytes) -> list[pb.Input]:
+    return [pb.Input(image=payload) for payload in payloads]
+
+
 def vectors(response) -> np.ndarray:  # type: ignore[no-untyped-def]
     return np.stack([from_wire(embedding.vector) for embedding in response.embeddings])
 

@@ -8,7 +8,7 @@ from embeddings.v1 import gateway_pb2 as gw
 from embeddings.v1 import types_pb2 as pb
 
 from tests.clip_checkpoint import TinyClip
-from tests.helpers import texts
+from tests.helpers import images, texts
 from tests.image_files import photo
 
 pytestmark = pytest.mark.integration
@@ -18,7 +18,7 @@ PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "coins", "horse", "camera"
 
 @pytest.fixture(scope="module")
 def photo_inputs() -> list[pb.Input]:
-    return [pb.Input(image=photo(name, "JPEG")) for name in PHOTOS]
+    return images(*(photo(name, "JPEG") for name in PHOTOS))
 
 
 def scores(response: gw.SimilarityResponse) -> np.ndarray:
@@ -87,9 +87,7 @@ def test_models_of_different_spaces_are_refused_naming_both(gateway_stub, photo_
 
 def test_images_are_cached_by_content(gateway_stub) -> None:
     payload = photo("coins", "PNG", size=(190, 150))
-    first, second = (
-        gateway_stub.Encode(enc.EncodeRequest(inputs=[pb.Input(image=payload)])) for _ in range(2)
-    )
+    first, second = (gateway_stub.Encode(enc.EncodeRequest(inputs=images(payload))) for _ in range(2))
     assert first.model.id == "efficientnet-lite0"
     assert (first.embeddings[0].cached, second.embeddings[0].cached) == (False, True)
     assert first.embeddings[0].vector.data == second.embeddings[0].vector.data
@@ -97,6 +95,6 @@ def test_images_are_cached_by_content(gateway_stub) -> None:
 
 def test_a_bad_image_gets_invalid_argument_with_the_callers_index(gateway_stub, photo_inputs) -> None:
     with pytest.raises(grpc.RpcError) as caught:
-        gateway_stub.Encode(enc.EncodeRequest(inputs=[photo_inputs[0], pb.Input(image=b"not an image")]))
+        gateway_stub.Encode(enc.EncodeRequest(inputs=[photo_inputs[0], *images(b"not an image")]))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "inputs[1].image" in caught.value.details()

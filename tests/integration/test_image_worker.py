@@ -11,17 +11,13 @@ from PIL import Image
 
 from tests import image_files
 from tests.clip_checkpoint import TinyClip
-from tests.helpers import cosine, vectors
+from tests.helpers import cosine, images, vectors
 from tests.image_files import photo
 from tests.resnet_checkpoint import load_reference
 
 pytestmark = pytest.mark.integration
 
 MAX_IMAGE_BYTES = 2_000_000  # the image_service fixture's IMAGE_MAX_IMAGE_BYTES
-
-
-def images(*payloads: bytes) -> list[pb.Input]:
-    return [pb.Input(image=payload) for payload in payloads]
 
 
 def test_list_models_names_every_backend(image_stub, tiny_clip: TinyClip) -> None:
