@@ -1,0 +1,212 @@
+"""One shard's items: durable writes through the append-only log, in-memory spaces, snapshots.
+
+Every write goes through one writer task: it takes all writes waiting, appends their records to the
+log, fsyncs once for all of them (group commit), applies them to the spaces in log order and only then
+acknowledges them. So an acknowledged write is on disk, and memory never holds what the log does not.
+Snapshots are taken by the same writer between two batches, so each is one consistent moment.
+"""
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from services.common.errors import InvalidArgument, Unavailable
+from services.common.index import snapshot
+from services.common.index.records import Op, encode
+from services.common.index.settings import IndexSettings
+from services.common.index.space import Found, Space
+from services.common.index.wal import AppendLog
+
+log = logging.getLogger("index.store")
+
+_APPLY_CHUNK = 256
+
+
+@dataclass
+class _Write:
+    ops: list[Op]
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class IndexStore:
+    def __init__(self, settings: IndexSettings) -> None:
+        self._settings = settings
+        self._config = settings.engine_config()
+        root = Path(settings.data_dir)
+        self._log = AppendLog(root / "log")
+        self._snapshots = root / "snapshots"
+        self.spaces: dict[str, Space] = {}
+        self._dimensions: dict[str, int] = {}
+        self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()  # None: stop
+        self._tasks: list[asyncio.Task[None]] = []
+        self._unsnapshotted = 0
+        self._last_snapshot = time.monotonic()
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def open(self) -> None:
+        """Load the newest snapshot, replay the log after it, and start taking writes."""
+        started = time.monotonic()
+        replayed = await asyncio.to_thread(self._load)
+        log.info(
+            "index loaded from %s in %.1fs: %s (replayed %d logged ops)",
+            self._settings.data_dir,
+            time.monotonic() - started,
+            {name: space.live for name, space in self.spaces.items()} or "empty",
+            replayed,
+        )
+        self._unsnapshotted = replayed
+        self._tasks.append(asyncio.get_running_loop().create_task(self._writer()))
+        if self._settings.fsync == "interval":
+            self._tasks.append(asyncio.get_running_loop().create_task(self._sync_periodically()))
+
+    def _load(self) -> int:
+        start = 0
+        found = snapshot.latest(self._snapshots)
+        if found is not None:
+            start, states = found
+            for name, state in states.items():
+                self.spaces[name] = Space.from_state(name, state, self._config)
+        ops = self._log.replay(start)
+        self._apply(ops)
+        self._log.open(start)
+        self._dimensions = {name: space.dimension for name, space in self.spaces.items()}
+        return len(ops)
+
+    async def close(self) -> None:
+        """Finish the writes taken, snapshot (so the next start replays nothing) and close the log."""
+        self._closing = True
+        if self._tasks:
+            self._queue.put_nowait(None)
+            await asyncio.gather(self._tasks[0], return_exceptions=True)
+            for task in self._tasks[1:]:
+                task.cancel()
+            await asyncio.gather(*self._tasks[1:], return_exceptions=True)
+        if self._snapshot_task is not None:
+            await asyncio.gather(self._snapshot_task, return_exceptions=True)
+        if self._unsnapshotted:
+            await self._snapshot(wait=True)
+        self._log.close()
+
+    def dimension(self, space: str) -> int | None:
+        return self._dimensions.get(space)
+
+    def held(self, space: str = "") -> list[Space]:
+        """One space (if this shard holds it) or all, by name."""
+        if space:
+            return [self.spaces[space]] if space in self.spaces else []
+        return [self.spaces[name] for name in sorted(self.spaces)]
+
+    def claim_dimension(self, space: str, dimension: int, field: str) -> None:
+        """Refuse vectors of another dimension than the space's; the first write to a space sets it."""
+        known = self._dimensions.setdefault(space, dimension)
+        if known != dimension:
+            raise InvalidArgument(
+                f"{field} has {dimension} dimensions but space {space!r} holds {known}-dimensional vectors"
+            )
+
+    async def write(self, ops: list[Op]) -> None:
+        """Return once `ops` are durable (per INDEX_FSYNC) and visible to searches."""
+        if self._closing:
+            raise Unavailable("index shard is shutting down; retry on another instance")
+        pending = _Write(ops)
+        self._queue.put_nowait(pending)
+        await asyncio.shield(pending.done)
+
+    async def search(
+        self, space: str, query: np.ndarray, k: int, kinds: Sequence[int], payload_equals: dict[str, str]
+    ) -> list[Found]:
+        held = self.spaces.get(space)
+        if held is None:
+            return []
+        return await asyncio.to_thread(held.search, query, k, kinds, payload_equals)
+
+    async def _writer(self) -> None:
+        while True:
+            timeout = max(0.0, self._settings.snapshot_interval_s - (time.monotonic() - self._last_snapshot))
+            try:
+                first = await asyncio.wait_for(self._queue.get(), timeout=timeout)
+            except TimeoutError:
+                if self._unsnapshotted:
+                    await self._snapshot()
+                else:
+                    self._last_snapshot = time.monotonic()
+                continue
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while not self._queue.empty():
+                more = self._queue.get_nowait()
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            try:
+                await asyncio.to_thread(self._persist, batch)
+            except OSError as error:
+                log.exception("index log write failed")
+                for pending in batch:
+                    pending.done.set_exception(Unavailable(f"index shard could not write its log: {error}"))
+                continue
+            for pending in batch:
+                pending.done.set_result(None)
+            self._unsnapshotted += sum(len(pending.ops) for pending in batch)
+            if stop:
+                return
+            if self._unsnapshotted >= self._settings.snapshot_every_ops:
+                await self._snapshot()
+
+    def _persist(self, batch: list[_Write]) -> None:
+        ops = [op for pending in batch for op in pending.ops]
+        self._log.write(b"".join(map(encode, ops)), sync=self._settings.fsync == "always")
+        self._apply(ops)
+
+    def _apply(self, ops: Sequence[Op]) -> None:
+        by_space: dict[str, list[Op]] = defaultdict(list)
+        for op in ops:
+            by_space[op.space].append(op)
+        for name, space_ops in by_space.items():
+            space = self.spaces.get(name)
+            if space is None:
+                first = next((op.item for op in space_ops if op.item is not None), None)
+                if first is None:
+                    continue
+                space = self.spaces[name] = Space(name, first.vector.shape[0], self._config)
+            for start in range(0, len(space_ops), _APPLY_CHUNK):
+                space.apply(space_ops[start : start + _APPLY_CHUNK])
+
+    async def _sync_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.fsync_interval_ms / 1000)
+            await asyncio.to_thread(self._log.sync)
+
+    async def _snapshot(self, wait: bool = False) -> None:
+        """Roll the log and capture every space (between two write batches), then write it to disk in
+        the background; the log segments it covers are deleted once it is durable."""
+        if self._snapshot_task is not None and not self._snapshot_task.done():
+            return
+        segment = await asyncio.to_thread(self._log.roll)
+        states = await asyncio.to_thread(lambda: {name: space.state() for name, space in self.spaces.items()})
+        self._unsnapshotted = 0
+        self._last_snapshot = time.monotonic()
+        self._snapshot_task = asyncio.get_running_loop().create_task(self._write_snapshot(segment, states))
+        if wait:
+            await self._snapshot_task
+
+    async def _write_snapshot(self, segment: int, states: dict[str, dict[str, object]]) -> None:
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(snapshot.write, self._snapshots, segment, states)
+            await asyncio.to_thread(snapshot.drop_before, self._snapshots, segment)
+            await asyncio.to_thread(self._log.drop_before, segment)
+        except OSError:
+            log.exception("index snapshot %d failed; the log still holds everything", segment)
+            return
+        log.info("index snapshot %d written in %.1fs", segment, time.monotonic() - started)

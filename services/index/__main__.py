@@ -1,0 +1,29 @@
+"""Run one index shard: python -m services.index (settings: INDEX_* environment variables)."""
+
+import asyncio
+import socket
+
+import grpc
+from embeddings.v1 import index_pb2, index_pb2_grpc
+
+from services.common.index.service import IndexService
+from services.common.index.store import IndexStore
+from services.common.server import serve
+from services.index.settings import ShardSettings
+
+
+def main() -> None:
+    settings = ShardSettings()
+    store = IndexStore(settings)
+    shard = settings.shard_name or f"{socket.gethostname()}:{settings.port}"
+    service = IndexService(store, settings, shard)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        index_pb2_grpc.add_IndexServicer_to_server(service, server)
+        return [index_pb2.DESCRIPTOR.services_by_name["Index"].full_name]
+
+    asyncio.run(serve("index", settings, register, store.open, store.close))
+
+
+if __name__ == "__main__":
+    main()
