@@ -209,12 +209,31 @@ def image_worker(
     return Service("image", "IMAGE_", env, log_dir, port)
 
 
+def index_shard(
+    data_dir: Path,
+    env: dict[str, str] | None = None,
+    log_dir: Path | None = None,
+    port: int | None = None,
+    name: str = "index",
+) -> Service:
+    """An index shard keeping its data in `data_dir` (the same dir after a restart: the same shard)."""
+    shard = Service("index", "INDEX_", {"INDEX_DATA_DIR": str(data_dir), **(env or {})}, log_dir, port)
+    shard.name = name
+    return shard
+
+
 def gateway(
     workers: list[str],
     redis_url: str,
     env: dict[str, str] | None = None,
     log_dir: Path | None = None,
     port: int | None = None,
+    shards: list[str] | None = None,
 ) -> Service:
-    settings = {"GATEWAY_WORKERS": ",".join(workers), "GATEWAY_REDIS_URL": redis_url, **(env or {})}
+    settings = {
+        "GATEWAY_WORKERS": ",".join(workers),
+        "GATEWAY_REDIS_URL": redis_url,
+        "GATEWAY_INDEX_SHARDS": ",".join(shards or []),
+        **(env or {}),
+    }
     return Service("gateway", "GATEWAY_", settings, log_dir, port)

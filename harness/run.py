@@ -1,9 +1,10 @@
-"""`make run`: Redis, the text and image workers and the gateway on this machine, on fixed ports; Ctrl-C
-stops all.
+"""`make run`: Redis, the text and image workers, two index shards and the gateway on this machine, on
+fixed ports; Ctrl-C stops all.
 
 Ports (override with the environment): gateway 50051 (GATEWAY_PORT), text worker 50061 (TEXT_PORT), image
-worker 50062 (IMAGE_PORT), Redis 6379 (REDIS_PORT; an already running Redis there is used as it is),
-metrics 9150 / 9161 / 9162.
+worker 50062 (IMAGE_PORT), index shards 50071 and 50072 (INDEX_PORT, INDEX_PORT + 1), Redis 6379
+(REDIS_PORT; an already running Redis there is used as it is), metrics 9150 / 9161 / 9162 / 9171 / 9172.
+Indexed items are kept in data/index-0 and data/index-1 (DATA_DIR), so they survive a restart.
 """
 
 import os
@@ -12,7 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-from harness.processes import RedisServer, Service, gateway, image_worker, redis_answers, text_worker
+from harness.processes import (
+    RedisServer,
+    Service,
+    gateway,
+    image_worker,
+    index_shard,
+    redis_answers,
+    text_worker,
+)
 
 
 def main() -> None:
@@ -22,22 +31,35 @@ def main() -> None:
     text_port = int(os.environ.get("TEXT_PORT", "50061"))
     image_port = int(os.environ.get("IMAGE_PORT", "50062"))
     gateway_port = int(os.environ.get("GATEWAY_PORT", "50051"))
+    index_port = int(os.environ.get("INDEX_PORT", "50071"))
+    data_dir = Path(os.environ.get("DATA_DIR", "data"))
 
     children: list[RedisServer | Service] = []
     if not redis_answers(redis_port):
         redis = RedisServer(redis_port, log_dir)
         redis.start()
         children.append(redis)
-    workers = [
+    backends = [
         text_worker({"TEXT_HOST": "0.0.0.0", "TEXT_METRICS_PORT": "9161"}, log_dir, text_port),
         image_worker({"IMAGE_HOST": "0.0.0.0", "IMAGE_METRICS_PORT": "9162"}, log_dir, image_port),
+        *(
+            index_shard(
+                data_dir / f"index-{number}",
+                {"INDEX_HOST": "0.0.0.0", "INDEX_METRICS_PORT": str(9171 + number)},
+                log_dir,
+                index_port + number,
+                f"index-{number}",
+            )
+            for number in range(2)
+        ),
     ]
     gate = gateway(
-        [worker.address for worker in workers],
+        [backend.address for backend in backends[:2]],
         f"redis://127.0.0.1:{redis_port}/0",
         {"GATEWAY_HOST": "0.0.0.0", "GATEWAY_METRICS_PORT": "9150"},
         log_dir,
         gateway_port,
+        [backend.address for backend in backends[2:]],
     )
     stopping = False
 
@@ -48,19 +70,20 @@ def main() -> None:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        for worker in workers:
-            worker.start()
-            children.append(worker)
+        for backend in backends:
+            backend.start()
+            children.append(backend)
         print(f"starting: logs in {log_dir}/ ...", flush=True)
-        for worker in workers:
-            worker.wait_serving()
-        # Started once every worker serves, the gateway learns all their models before it reports SERVING.
+        for backend in backends:
+            backend.wait_serving()
+        # Started once every worker and shard serves, the gateway learns all models before it reports SERVING.
         gate.start()
         children.append(gate)
         gate.wait_serving()
         print(
             f"ready: gateway on localhost:{gateway_port} (metrics :9150), text worker on localhost:{text_port} "
-            f"(metrics :9161), image worker on localhost:{image_port} (metrics :9162), redis on "
+            f"(metrics :9161), image worker on localhost:{image_port} (metrics :9162), index shards on "
+            f"localhost:{index_port} and localhost:{index_port + 1} (data in {data_dir}/), redis on "
             f"localhost:{redis_port}. Ctrl-C stops all.",
             flush=True,
         )

@@ -26,7 +26,7 @@ def kind_of(item: pb.Input, index: int) -> int:
     return KIND_OF_FIELD[field]
 
 
-def check_batch_size(inputs: Sequence[pb.Input], limit: int, field: str = "inputs") -> None:
+def check_batch_size(inputs: Sequence[object], limit: int, field: str = "inputs") -> None:
     if not inputs:
         raise InvalidArgument(f"{field} is empty: send 1 to {limit} inputs")
     if len(inputs) > limit:

@@ -26,6 +26,12 @@ CACHE_MISSES = Counter("cache_misses_total", "Vector cache misses", ["model"])
 CACHE_ERRORS = Counter("cache_errors_total", "Redis calls that failed (the cache was bypassed)", ["op"])
 WORKER_FAILURES = Counter("worker_failures_total", "Calls to a worker that failed", ["worker", "code"])
 
+SHARD_FAILURES = Counter(
+    "shard_failures_total",
+    "Index shard calls that failed or missed their deadline",
+    ["shard", "method", "code"],
+)
+
 
 def start_metrics_server(port: int) -> None:
     """Serve /metrics on `port` (0: no metrics endpoint)."""

@@ -11,6 +11,11 @@ from services.gateway.encoding import CachingEncoder
 from services.gateway.routing import Router
 from services.gateway.servicer import GatewayService
 from services.gateway.settings import GatewaySettings
+from services.gateway.sharding import ShardSet
+
+
+def _addresses(listed: str) -> list[str]:
+    return [address.strip() for address in listed.split(",") if address.strip()]
 
 
 def main() -> None:
@@ -18,7 +23,7 @@ def main() -> None:
 
     async def run() -> None:
         router = Router(
-            [address.strip() for address in settings.workers.split(",") if address.strip()],
+            _addresses(settings.workers),
             settings.model_refresh_s,
             settings.max_message_bytes,
             settings.worker_reconnect_max_s,
@@ -26,17 +31,25 @@ def main() -> None:
         cache = VectorCache(
             settings.redis_url, settings.cache_ttl_s, settings.redis_timeout_s, settings.redis_retry_s
         )
-        service = GatewayService(router, CachingEncoder(router, cache), settings)
+        shards = ShardSet(
+            _addresses(settings.index_shards), settings.max_message_bytes, settings.worker_reconnect_max_s
+        )
+        service = GatewayService(router, CachingEncoder(router, cache), shards, settings)
 
         def register(server: grpc.aio.Server) -> list[str]:
             gateway_pb2_grpc.add_GatewayServicer_to_server(service, server)
             return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
 
+        async def startup() -> None:
+            await router.start()
+            await shards.start(settings.model_refresh_s)
+
         async def shutdown() -> None:
             await router.close()
+            await shards.close()
             await cache.close()
 
-        await serve("gateway", settings, register, router.start, shutdown)
+        await serve("gateway", settings, register, startup, shutdown)
 
     asyncio.run(run())
 

@@ -32,9 +32,17 @@ class CachingEncoder:
         self._cache = cache
 
     async def encode(
-        self, card: ModelCard, inputs: Sequence[pb.Input], strict: bool, timeout: float, field: str = "inputs"
+        self,
+        card: ModelCard,
+        inputs: Sequence[pb.Input],
+        strict: bool,
+        timeout: float,
+        field: str = "inputs",
+        positions: Sequence[int] | None = None,
     ) -> Encoded:
-        """Raw vectors of `inputs` in order; `field` names the inputs in error messages."""
+        """Raw vectors of `inputs` in order; error messages name input i as `field[positions[i]]`
+        (default: `field[i]`)."""
+        where = list(positions) if positions is not None else list(range(len(inputs)))
         keys = [cache_key(card.id, card.version, item) for item in inputs]
         found = dict(zip(keys, await self._cache.get_many(keys), strict=True))
         was_cached = {key: raw is not None for key, raw in found.items()}
@@ -49,7 +57,7 @@ class CachingEncoder:
             try:
                 response = await self._router.encode(card.id, [inputs[p] for p in missing], strict, timeout)
             except ServiceError as error:
-                raise remap_input_indices(error, missing, field) from None
+                raise remap_input_indices(error, [where[p] for p in missing], field) from None
             model = response.model
             fresh: dict[str, RawVector] = {}
             for position, embedding in zip(missing, response.embeddings, strict=True):
@@ -63,7 +71,7 @@ class CachingEncoder:
             for position, entry in enumerate(vectors):
                 if entry is not None and entry.truncated:
                     raise InvalidArgument(
-                        f"{field}[{position}] is longer than model {card.id!r} takes "
+                        f"{field}[{where[position]}] is longer than model {card.id!r} takes "
                         f"({card.max_input_tokens} tokens); options.strict is set: unset it to embed "
                         "the first tokens only"
                     )

@@ -55,8 +55,9 @@ class Router:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Wait until at least one worker has listed its models, then keep the routes fresh."""
-        while not self._routes:
+        """Wait until at least one worker (if any is configured) has listed its models, then keep the
+        routes fresh."""
+        while self.workers and not self._routes:
             await self.refresh()
             if not self._routes:
                 await asyncio.sleep(0.5)

@@ -1,7 +1,7 @@
 """The public Gateway service."""
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -11,25 +11,33 @@ from embeddings.v1 import gateway_pb2_grpc as gw_grpc
 from embeddings.v1 import recommender_pb2 as rec
 from embeddings.v1 import types_pb2 as pb
 
-from services.common.backend import ModelCard
 from services.common.errors import InvalidArgument, Unimplemented
-from services.common.inputs import check_batch_size, kind_name, kind_of
+from services.common.inputs import check_batch_size, kind_of
 from services.common.streaming import ordered_pipeline
 from services.common.vectors import check_options, l2_normalize, shape
+from services.gateway.choosing import ModelChooser
 from services.gateway.encoding import CachingEncoder
+from services.gateway.indexing import Indexer
 from services.gateway.routing import Router
 from services.gateway.settings import GatewaySettings
+from services.gateway.sharding import ShardSet
 
 
 class GatewayService(gw_grpc.GatewayServicer):
-    def __init__(self, router: Router, encoder: CachingEncoder, settings: GatewaySettings) -> None:
+    def __init__(
+        self, router: Router, encoder: CachingEncoder, shards: ShardSet, settings: GatewaySettings
+    ) -> None:
         self._router = router
         self._encoder = encoder
         self._settings = settings
-        self._preferred = {
-            pb.INPUT_KIND_TEXT: settings.default_text_model,
-            pb.INPUT_KIND_IMAGE: settings.default_image_model,
-        }
+        self._models = ModelChooser(
+            router,
+            {
+                pb.INPUT_KIND_TEXT: settings.default_text_model,
+                pb.INPUT_KIND_IMAGE: settings.default_image_model,
+            },
+        )
+        self._indexer = Indexer(router, self._models, encoder, shards, settings)
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -38,30 +46,6 @@ class GatewayService(gw_grpc.GatewayServicer):
             if remaining is None
             else min(remaining, self._settings.worker_timeout_s)
         )
-
-    def _card_for(self, model: str, inputs: Sequence[pb.Input], field: str, space: str = "") -> ModelCard:
-        """The named model (checked against the inputs), or the default one for the inputs' kind."""
-        kinds = sorted({kind_of(item, index) for index, item in enumerate(inputs)})
-        if model:
-            card = self._router.card(model)
-            refused = [kind for kind in kinds if kind not in card.input_kinds]
-            if refused:
-                raise InvalidArgument(
-                    f"model {model!r} does not accept {', '.join(map(kind_name, refused))} inputs; it accepts "
-                    f"{', '.join(map(kind_name, card.input_kinds))}"
-                )
-        elif len(kinds) > 1:
-            raise InvalidArgument(
-                f"{field} mix {' and '.join(map(kind_name, kinds))} inputs and no model is named; "
-                "name a model that accepts them all, or send each kind separately"
-            )
-        else:
-            card = self._router.default_card(kinds[0], self._preferred.get(kinds[0], ""), space)
-        if space and card.space != space:
-            raise InvalidArgument(
-                f"model {card.id!r} writes into space {card.space!r}, not the requested space {space!r}"
-            )
-        return card
 
     async def ListModels(
         self, request: enc.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -84,7 +68,7 @@ class GatewayService(gw_grpc.GatewayServicer):
 
     async def _encode(self, request: enc.EncodeRequest, timeout: float) -> enc.EncodeResponse:
         check_batch_size(request.inputs, self._settings.max_inputs_per_request)
-        card = self._card_for(request.model, request.inputs, "inputs")
+        card = self._models.card_for(request.model, request.inputs, "inputs")
         check_options(request.options, card.dimension, card.id)
         encoded = await self._encoder.encode(card, request.inputs, request.options.strict, timeout)
         vectors = shape(encoded.matrix(), request.options)
@@ -110,8 +94,8 @@ class GatewayService(gw_grpc.GatewayServicer):
                 f"and {len(request.candidates)} candidates"
             )
         space = request.space or self._shared_space(request)
-        query_card = self._card_for(request.query_model, request.queries, "queries", space)
-        candidate_card = self._card_for(
+        query_card = self._models.card_for(request.query_model, request.queries, "queries", space)
+        candidate_card = self._models.card_for(
             request.candidate_model, request.candidates, "candidates", space or query_card.space
         )
         if candidate_card.space != query_card.space:
@@ -143,39 +127,32 @@ class GatewayService(gw_grpc.GatewayServicer):
 
     def _shared_space(self, request: gw.SimilarityRequest) -> str:
         """With no model named and queries and candidates of different kinds (text against images), a
-        space where both kinds have a model: the default query model's space first, then the default
-        candidate model's. Empty when there is none, or nothing to choose."""
+        space where both kinds have a model (see ModelChooser.shared_space); else empty."""
         if request.query_model or request.candidate_model:
             return ""
         query_kinds = {kind_of(item, index) for index, item in enumerate(request.queries)}
         candidate_kinds = {kind_of(item, index) for index, item in enumerate(request.candidates)}
         if len(query_kinds) != 1 or len(candidate_kinds) != 1 or query_kinds == candidate_kinds:
             return ""
-        (query_kind,), (candidate_kind,) = query_kinds, candidate_kinds
-        spaces = self._router.spaces
-        shared = spaces.get(query_kind, set()) & spaces.get(candidate_kind, set())
-        if not shared:
-            return ""
-        for kind in (query_kind, candidate_kind):
-            space = self._router.default_card(kind, self._preferred.get(kind, "")).space
-            if space in shared:
-                return space
-        return min(shared, default="")
+        return self._models.shared_space([*query_kinds, *candidate_kinds])
 
     async def Search(self, request: gw.SearchRequest, context: grpc.aio.ServicerContext) -> gw.SearchResponse:
-        raise _not_yet("Search", "index shards")
+        return await self._indexer.search(request, self._timeout(context))
 
     async def Upsert(self, request: gw.UpsertRequest, context: grpc.aio.ServicerContext) -> gw.UpsertResponse:
-        raise _not_yet("Upsert", "index shards")
+        return await self._indexer.upsert(request, self._timeout(context))
 
     async def UpsertStream(
         self, request_iterator: AsyncIterator[gw.UpsertRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gw.UpsertResponse]:
-        raise _not_yet("UpsertStream", "index shards")
-        yield  # an async generator, as the streaming contract requires
+        async def handle(request: gw.UpsertRequest) -> gw.UpsertResponse:
+            return await self._indexer.upsert(request, self._timeout(context))
+
+        async for response in ordered_pipeline(request_iterator, handle, self._settings.stream_window):
+            yield response
 
     async def Delete(self, request: gw.DeleteRequest, context: grpc.aio.ServicerContext) -> gw.DeleteResponse:
-        raise _not_yet("Delete", "index shards")
+        return await self._indexer.delete(request, self._timeout(context))
 
     async def Recommend(
         self, request: rec.RecommendRequest, context: grpc.aio.ServicerContext

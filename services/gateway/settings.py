@@ -13,7 +13,8 @@ class GatewaySettings(ServiceSettings):
     metrics_port: int = Field(9150, description="Prometheus /metrics port; 0 disables it.")
     workers: str = Field(
         "localhost:50061,localhost:50062",
-        description="Comma-separated worker addresses; the gateway asks each which models it serves.",
+        description="Comma-separated encoder worker addresses; the gateway asks each which models it "
+        "serves. Empty: no models (vector-only Search/Upsert).",
     )
     model_refresh_s: float = Field(5.0, description="How often the workers' model lists are refreshed.")
     worker_timeout_s: float = Field(
@@ -35,4 +36,17 @@ class GatewaySettings(ServiceSettings):
     max_inputs_per_request: int = Field(
         256, description="Most inputs in one Encode (or one Similarity side)."
     )
-    stream_window: int = Field(8, description="Requests of one EncodeStream handled at once.")
+    stream_window: int = Field(8, description="Requests of one EncodeStream or UpsertStream handled at once.")
+    index_shards: str = Field(
+        "localhost:50071,localhost:50072",
+        description="Comma-separated index shard addresses, in a fixed order: an item's shard is chosen "
+        "by hashing its id over this list. Empty: no Search/Upsert/Delete.",
+    )
+    shard_timeout_s: float = Field(
+        5.0,
+        description="Deadline of a call to a shard (or the caller's, if sooner); a search lists shards "
+        "that miss it as missing and returns the others' hits.",
+    )
+    max_k: int = Field(1000, description="Largest k of a Search.")
+    max_payload_bytes: int = Field(16_384, description="Largest JSON payload of one item, in bytes.")
+    max_id_bytes: int = Field(512, description="Longest item id, in UTF-8 bytes.")

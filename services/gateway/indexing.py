@@ -1,0 +1,162 @@
+"""The gateway's index calls: encode what needs encoding (through the cache), check it, and hand it to
+the shards (sharding.py) that own it.
+
+Spaces: a search or an input upsert must name a space some model writes into (or take the model's);
+vector upserts may also create a space of their own ("bring your own vectors"), whose dimension is
+then fixed by its first vector.
+"""
+
+import numpy as np
+from embeddings.v1 import gateway_pb2 as gw
+from embeddings.v1 import index_pb2 as idx
+from embeddings.v1 import types_pb2 as pb
+
+from services.common.backend import ModelCard
+from services.common.errors import InvalidArgument
+from services.common.index.service import check_id, check_k, check_kinds, check_payload, unit_vector
+from services.common.inputs import check_batch_size, kind_of
+from services.common.vectors import l2_normalize, to_wire
+from services.gateway.choosing import ModelChooser
+from services.gateway.encoding import CachingEncoder
+from services.gateway.routing import Router
+from services.gateway.settings import GatewaySettings
+from services.gateway.sharding import ShardSet, invalid_space
+
+
+class Indexer:
+    def __init__(
+        self,
+        router: Router,
+        models: ModelChooser,
+        encoder: CachingEncoder,
+        shards: ShardSet,
+        settings: GatewaySettings,
+    ) -> None:
+        self._router = router
+        self._models = models
+        self._encoder = encoder
+        self._shards = shards
+        self._settings = settings
+
+    def _model_dimension(self, space: str) -> int | None:
+        return next((card.dimension for card in self._router.cards if card.space == space), None)
+
+    def _known_spaces(self) -> set[str]:
+        return {card.space for card in self._router.cards} | set(self._shards.dimensions)
+
+    def _check_vector(self, vector: pb.Vector, space: str, field: str) -> np.ndarray:
+        values = unit_vector(vector, field)
+        dimension = self._model_dimension(space) or self._shards.dimensions.get(space)
+        if dimension is not None and values.shape[0] != dimension:
+            raise InvalidArgument(
+                f"{field} has {values.shape[0]} dimensions but space {space!r} holds {dimension}-dimensional "
+                "vectors"
+            )
+        return values
+
+    async def search(self, request: gw.SearchRequest, timeout: float) -> gw.SearchResponse:
+        check_k(request.k, self._settings.max_k, "GATEWAY_MAX_K")
+        check_kinds(request.filter.kinds, "filter.kinds")
+        space, model = request.space, pb.ModelRef()
+        if request.HasField("input"):
+            card = self._models.card_for(request.model, [request.input], "input", space)
+            space = card.space
+            encoded = await self._encoder.encode(card, [request.input], False, timeout, "input")
+            query = l2_normalize(encoded.matrix())[0]
+            model = encoded.model
+        elif request.HasField("vector"):
+            if not space:
+                raise InvalidArgument("a vector query needs `space`: the space the vector belongs to")
+            if space not in self._known_spaces():
+                raise invalid_space(space, sorted(self._known_spaces()))
+            query = self._check_vector(request.vector, space, "vector")
+        else:
+            raise InvalidArgument("the query is empty: set `input` (to encode) or `vector`")
+        merged = await self._shards.search(
+            idx.IndexSearchRequest(space=space, query=to_wire(query), k=request.k, filter=request.filter),
+            min(timeout, self._settings.shard_timeout_s),
+        )
+        return gw.SearchResponse(
+            hits=merged.hits,
+            space=space,
+            partial=bool(merged.missing),
+            missing_shards=merged.missing,
+            query_model=model,
+        )
+
+    async def upsert(self, request: gw.UpsertRequest, timeout: float) -> gw.UpsertResponse:
+        check_batch_size(request.items, self._settings.max_inputs_per_request, "items")
+        for position, item in enumerate(request.items):
+            field = f"items[{position}]"
+            check_id(item.id, self._settings.max_id_bytes, f"{field}.id")
+            check_payload(item.payload_json, self._settings.max_payload_bytes, f"{field}.payload_json")
+            if not item.HasField("input") and not item.HasField("vector"):
+                raise InvalidArgument(f"{field} has neither `input` nor `vector`")
+        space, cards = self._resolve(request)
+        vectors: list[pb.Vector | None] = [None] * len(request.items)
+        kinds = [0] * len(request.items)
+        refs = [pb.ModelRef(space=space)] * len(request.items)
+        for card, positions in cards:
+            inputs = [request.items[p].input for p in positions]
+            encoded = await self._encoder.encode(card, inputs, False, timeout, "items", positions)
+            for position, row in zip(positions, l2_normalize(encoded.matrix()), strict=True):
+                vectors[position] = to_wire(row)
+                kinds[position] = kind_of(request.items[position].input, position)
+                refs[position] = encoded.model
+        for position, item in enumerate(request.items):
+            if item.HasField("vector"):
+                vectors[position] = to_wire(
+                    self._check_vector(item.vector, space, f"items[{position}].vector")
+                )
+        items = [
+            idx.IndexItem(id=item.id, vector=vector, kind=kind, payload_json=item.payload_json, model=ref)
+            for item, vector, kind, ref in zip(request.items, vectors, kinds, refs, strict=True)
+        ]
+        await self._shards.upsert(
+            space, items, request.request_id, min(timeout, self._settings.shard_timeout_s)
+        )
+        return gw.UpsertResponse(upserted=len(items), request_id=request.request_id)
+
+    def _resolve(self, request: gw.UpsertRequest) -> tuple[str, list[tuple[ModelCard, list[int]]]]:
+        """The space the items go to, and which model encodes which items (by position)."""
+        by_kind: dict[int, list[int]] = {}
+        for position, item in enumerate(request.items):
+            if item.HasField("input"):
+                by_kind.setdefault(kind_of(item.input, position), []).append(position)
+        space = request.space
+        if request.model:
+            card = self._models.card_for(
+                request.model, [request.items[p].input for ps in by_kind.values() for p in ps], "items", space
+            )
+            space = card.space
+            cards = [(card, sorted(p for ps in by_kind.values() for p in ps))] if by_kind else []
+            return space, cards
+        if not space:
+            if not by_kind:
+                raise InvalidArgument("vector items need `space`: the space their vectors belong to")
+            space = self._models.shared_space(by_kind)
+            if not space:
+                raise InvalidArgument(
+                    "the items' input kinds have no model in one shared space; set `space` or `model`, or "
+                    "send each kind separately"
+                )
+        if not by_kind and space not in self._known_spaces():
+            self._check_new_space(space)
+        cards = [(self._models.default_card(kind, space), positions) for kind, positions in by_kind.items()]
+        return space, cards
+
+    @staticmethod
+    def _check_new_space(space: str) -> None:
+        if len(space) > 128 or not space.isprintable():
+            raise InvalidArgument("space must be at most 128 printable characters")
+
+    async def delete(self, request: gw.DeleteRequest, timeout: float) -> gw.DeleteResponse:
+        if not request.space:
+            raise InvalidArgument("space is empty; name the space to delete from")
+        check_batch_size(request.ids, self._settings.max_inputs_per_request, "ids")
+        for position, item_id in enumerate(request.ids):
+            check_id(item_id, self._settings.max_id_bytes, f"ids[{position}]")
+        deleted, not_found = await self._shards.delete(
+            request.space, list(request.ids), min(timeout, self._settings.shard_timeout_s)
+        )
+        return gw.DeleteResponse(deleted=deleted, not_found=not_found)
