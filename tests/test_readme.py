@@ -8,6 +8,7 @@ from pydantic_settings import BaseSettings
 from services.common.settings import ClipSettings
 from services.gateway.settings import GatewaySettings
 from services.image.settings import ImageSettings
+from services.index.settings import ShardSettings
 from services.text.settings import TextSettings
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -20,6 +21,7 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
         (ImageSettings, "IMAGE_"),
         (ClipSettings, "CLIP_"),
         (GatewaySettings, "GATEWAY_"),
+        (ShardSettings, "INDEX_"),
     ],
 )
 def test_every_setting_is_in_the_readme_with_its_default(settings: type[BaseSettings], prefix: str) -> None:

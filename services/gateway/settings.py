@@ -34,7 +34,9 @@ class GatewaySettings(ServiceSettings):
         1.0, description="After a Redis failure, how long the cache is bypassed before Redis is tried again."
     )
     max_inputs_per_request: int = Field(
-        256, description="Most inputs in one Encode (or one Similarity side)."
+        256,
+        description="Most inputs in one Encode (or one Similarity side), items in one Upsert, ids in one "
+        "Delete.",
     )
     stream_window: int = Field(8, description="Requests of one EncodeStream or UpsertStream handled at once.")
     index_shards: str = Field(
