@@ -176,7 +176,8 @@ class Space:
 
     @classmethod
     def from_state(cls, name: str, state: dict[str, object], config: EngineConfig) -> "Space":
-        """Load a snapshot's state: live rows only; the ANN engine is reused when nothing was retired."""
+        """Load a snapshot's state: live rows only; the ANN engine is reused when nothing was retired and
+        INDEX_ANN_ENGINE has not changed, else rebuilt."""
         vectors = np.asarray(state["vectors"], dtype=np.float32)
         alive = np.asarray(state["alive"], dtype=bool)
         kinds = np.asarray(state["kinds"], dtype=np.uint8)
@@ -185,7 +186,7 @@ class Space:
         payloads: list[str] = state["payloads"]  # type: ignore[assignment]
         model_refs: list[tuple[str, str]] = [tuple(ref) for ref in state["model_refs"]]  # type: ignore[attr-defined,misc]
         space = cls(name, vectors.shape[1], config)
-        if alive.all() and state.get("engine_state") is not None:
+        if alive.all() and state.get("engine_state") is not None and state["engine"] == config.ann_engine:
             space._load_rows(vectors, kinds, models, ids, payloads, model_refs)
             space.engine = config.restore(str(state["engine"]), state["engine_state"])  # type: ignore[arg-type]
             return space

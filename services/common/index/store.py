@@ -26,6 +26,7 @@ from services.common.index.wal import AppendLog
 log = logging.getLogger("index.store")
 
 _APPLY_CHUNK = 256
+_SNAPSHOT = "snapshot"
 
 
 @dataclass
@@ -43,12 +44,13 @@ class IndexStore:
         self._snapshots = root / "snapshots"
         self.spaces: dict[str, Space] = {}
         self._dimensions: dict[str, int] = {}
-        self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()  # None: stop
+        # None: stop. _SNAPSHOT: the snapshot timer's turn, taken between two write batches.
+        self._queue: asyncio.Queue[_Write | str | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._unsnapshotted = 0
-        self._last_snapshot = time.monotonic()
         self._snapshot_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._broken: str = ""
 
     async def open(self) -> None:
         """Load the newest snapshot, replay the log after it, and start taking writes."""
@@ -63,6 +65,7 @@ class IndexStore:
         )
         self._unsnapshotted = replayed
         self._tasks.append(asyncio.get_running_loop().create_task(self._writer()))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._snapshot_timer()))
         if self._settings.fsync == "interval":
             self._tasks.append(asyncio.get_running_loop().create_task(self._sync_periodically()))
 
@@ -115,6 +118,8 @@ class IndexStore:
         """Return once `ops` are durable (per INDEX_FSYNC) and visible to searches."""
         if self._closing:
             raise Unavailable("index shard is shutting down; retry on another instance")
+        if self._broken:
+            raise Unavailable(f"index shard refuses writes after a failure ({self._broken}); restart it")
         pending = _Write(ops)
         self._queue.put_nowait(pending)
         await asyncio.shield(pending.done)
@@ -129,39 +134,54 @@ class IndexStore:
 
     async def _writer(self) -> None:
         while True:
-            timeout = max(0.0, self._settings.snapshot_interval_s - (time.monotonic() - self._last_snapshot))
-            try:
-                first = await asyncio.wait_for(self._queue.get(), timeout=timeout)
-            except TimeoutError:
-                if self._unsnapshotted:
-                    await self._snapshot()
-                else:
-                    self._last_snapshot = time.monotonic()
-                continue
+            first = await self._queue.get()
             if first is None:
                 return
-            batch = [first]
-            stop = False
-            while not self._queue.empty():
-                more = self._queue.get_nowait()
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
-            try:
-                await asyncio.to_thread(self._persist, batch)
-            except OSError as error:
-                log.exception("index log write failed")
-                for pending in batch:
-                    pending.done.set_exception(Unavailable(f"index shard could not write its log: {error}"))
+            if first == _SNAPSHOT:
+                if self._unsnapshotted:
+                    await self._snapshot()
                 continue
-            for pending in batch:
-                pending.done.set_result(None)
-            self._unsnapshotted += sum(len(pending.ops) for pending in batch)
+            batch: list[_Write] = []
+            stop = False
+            for entry in self._more(first):
+                if entry is None:
+                    stop = True
+                elif isinstance(entry, _Write):
+                    batch.append(entry)
+            await self._commit(batch)
             if stop:
                 return
             if self._unsnapshotted >= self._settings.snapshot_every_ops:
                 await self._snapshot()
+
+    def _more(self, first: _Write | str | None) -> list[_Write | str | None]:
+        """`first` and everything queued behind it, up to a stop."""
+        entries = [first]
+        while not self._queue.empty() and entries[-1] is not None:
+            entries.append(self._queue.get_nowait())
+        return entries
+
+    async def _commit(self, batch: list[_Write]) -> None:
+        """Log, sync and apply a batch of writes, then acknowledge them (or fail them all)."""
+        try:
+            await asyncio.to_thread(self._persist, batch)
+        except Exception as error:
+            # A failed write was cut back off the log; anything else leaves the log and memory in doubt,
+            # so further writes are refused until a restart rebuilds memory from the log.
+            log.exception("index write failed")
+            if not isinstance(error, OSError) or not self._log.healthy:
+                self._broken = repr(error)
+            for pending in batch:
+                pending.done.set_exception(Unavailable(f"index shard could not store the write: {error!r}"))
+            return
+        for pending in batch:
+            pending.done.set_result(None)
+        self._unsnapshotted += sum(len(pending.ops) for pending in batch)
+
+    async def _snapshot_timer(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.snapshot_interval_s)
+            self._queue.put_nowait(_SNAPSHOT)
 
     def _persist(self, batch: list[_Write]) -> None:
         ops = [op for pending in batch for op in pending.ops]
@@ -195,7 +215,6 @@ class IndexStore:
         segment = await asyncio.to_thread(self._log.roll)
         states = await asyncio.to_thread(lambda: {name: space.state() for name, space in self.spaces.items()})
         self._unsnapshotted = 0
-        self._last_snapshot = time.monotonic()
         self._snapshot_task = asyncio.get_running_loop().create_task(self._write_snapshot(segment, states))
         if wait:
             await self._snapshot_task

@@ -29,6 +29,7 @@ class AppendLog:
         self._dir.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = None
         self.segment = 0
+        self.healthy = True  # False once a failed write could not be cut back off the log
 
     def _path(self, segment: int) -> Path:
         return self._dir / f"{segment:012d}.log"
@@ -77,12 +78,22 @@ class AppendLog:
     def write(self, frames: bytes, sync: bool) -> None:
         """Append `frames` (whole records); with `sync`, return only once they are on disk."""
         assert self._fd is not None, "open() the log first"
-        view = memoryview(frames)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        if sync:
-            os.fsync(self._fd)
+        end = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(frames)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            if sync:
+                os.fsync(self._fd)
+        except OSError:
+            # Not acknowledged: cut whatever of it reached the file, or the records appended after it
+            # (acknowledged ones) would sit behind a torn frame, where replay stops.
+            try:
+                os.ftruncate(self._fd, end)
+            except OSError:
+                self.healthy = False
+            raise
 
     def sync(self) -> None:
         if self._fd is not None:
