@@ -85,6 +85,8 @@ class IndexService(idx_grpc.IndexServicer):
         self._check_space(request.space)
         self._check_count(len(request.items), "items")
         ops = []
+        # None: a new space, whose first vector sets its dimension.
+        known = dimension = self._store.dimension(request.space)
         for position, item in enumerate(request.items):
             field = f"items[{position}]"
             check_id(item.id, self._settings.max_id_bytes, f"{field}.id")
@@ -93,9 +95,21 @@ class IndexService(idx_grpc.IndexServicer):
             if not item.HasField("vector"):
                 raise InvalidArgument(f"{field}.vector is missing")
             vector = unit_vector(item.vector, f"{field}.vector")
-            self._store.claim_dimension(request.space, vector.shape[0], f"{field}.vector")
+            if dimension is None:
+                dimension = vector.shape[0]
+            elif vector.shape[0] != dimension:
+                holder = (
+                    f"space {request.space!r} holds {dimension}-dimensional vectors"
+                    if known is not None
+                    else f"items[0].vector, the first of new space {request.space!r}, has {dimension}"
+                )
+                raise InvalidArgument(f"{field}.vector has {vector.shape[0]} dimensions but {holder}")
             stored = Item(item.id, vector, item.kind, item.payload_json, item.model.id, item.model.version)
             ops.append(Op(request.space, item.id, stored))
+        # Claimed only once every item passed, so a refused request leaves a new space unclaimed (nothing
+        # awaits between the dimension read above and this, so no other request can claim it meanwhile).
+        assert dimension is not None  # _check_count refused an empty request
+        self._store.claim_dimension(request.space, dimension, "items[0].vector")
         return ops
 
     async def Upsert(

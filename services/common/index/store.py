@@ -199,13 +199,18 @@ class IndexStore:
                 if first is None:
                     continue
                 space = self.spaces[name] = Space(name, first.vector.shape[0], self._config)
+                self._dimensions.setdefault(name, space.dimension)
             for start in range(0, len(space_ops), _APPLY_CHUNK):
                 space.apply(space_ops[start : start + _APPLY_CHUNK])
 
     async def _sync_periodically(self) -> None:
         while True:
             await asyncio.sleep(self._settings.fsync_interval_ms / 1000)
-            await asyncio.to_thread(self._log.sync)
+            try:
+                await asyncio.to_thread(self._log.sync)
+            except OSError:
+                log.exception("index log fsync failed; writes are refused until a restart")
+                self._broken = "fsync failed"
 
     async def _snapshot(self, wait: bool = False) -> None:
         """Roll the log and capture every space (between two write batches), then write it to disk in
