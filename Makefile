@@ -8,7 +8,7 @@ PROTO_DIR := protos
 PROTOS := $(wildcard $(PROTO_DIR)/embeddings/v1/*.proto)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup deps redis-server protos test test-unit run bench bench-image lint clean
+.PHONY: setup deps redis-server protos test test-unit run bench bench-image bench-index lint clean
 
 setup: deps redis-server protos ## Install everything: Python deps (pinned), redis-server, generated contracts.
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
@@ -45,9 +45,13 @@ run: protos ## Redis, the text and image workers and the gateway on documented p
 bench: protos ## Throughput figures with their in-process baselines (not a test).
 	$(PY) bench/text_throughput.py
 	$(PY) bench/image_throughput.py
+	$(PY) bench/index_search.py
 
 bench-image: protos ## Image throughput figures only.
 	$(PY) bench/image_throughput.py
+
+bench-index: protos ## Index figures only: 1M vectors over 4 shards (load, memory, latency, recall).
+	$(PY) bench/index_search.py
 
 lint:
 	$(VENV)/bin/ruff check services harness tests bench

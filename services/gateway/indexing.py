@@ -103,11 +103,19 @@ class Indexer:
                 vectors[position] = to_wire(row)
                 kinds[position] = kind_of(request.items[position].input, position)
                 refs[position] = encoded.model
+        first: tuple[str, int] | None = None  # in a new space, the vectors must agree with the first one
         for position, item in enumerate(request.items):
             if item.HasField("vector"):
-                vectors[position] = to_wire(
-                    self._check_vector(item.vector, space, f"items[{position}].vector")
-                )
+                field = f"items[{position}].vector"
+                values = self._check_vector(item.vector, space, field)
+                if first is None:
+                    first = (field, values.shape[0])
+                elif values.shape[0] != first[1]:
+                    raise InvalidArgument(
+                        f"{field} has {values.shape[0]} dimensions but {first[0]} has {first[1]}; the vectors "
+                        f"of space {space!r} must all have one dimension"
+                    )
+                vectors[position] = to_wire(values)
         items = [
             idx.IndexItem(id=item.id, vector=vector, kind=kind, payload_json=item.payload_json, model=ref)
             for item, vector, kind, ref in zip(request.items, vectors, kinds, refs, strict=True)

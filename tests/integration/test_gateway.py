@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import gateway_pb2 as gw
+from embeddings.v1 import recommender_pb2 as rec
 from embeddings.v1 import types_pb2 as pb
 
 from tests.clip_checkpoint import TinyClip
@@ -195,9 +196,16 @@ def test_bad_request_gets_invalid_argument_and_gateway_keeps_serving(gateway_stu
 
 def test_calls_that_need_later_services_say_so(gateway_stub) -> None:
     with pytest.raises(grpc.RpcError) as caught:
-        gateway_stub.Search(gw.SearchRequest(input=pb.Input(text="cat"), k=5))
+        gateway_stub.Recommend(rec.RecommendRequest(user_id="u1", k=5))
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "index shards" in caught.value.details()
+    assert "user-item worker" in caught.value.details()
+
+
+def test_search_without_index_shards_is_unavailable_and_says_which_setting(gateway_stub) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        gateway_stub.Search(gw.SearchRequest(input=pb.Input(text="cat"), k=5))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "GATEWAY_INDEX_SHARDS" in caught.value.details()
 
 
 def test_health_and_reflection_are_on(gateway_service, text_service, image_service) -> None:

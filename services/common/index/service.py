@@ -82,6 +82,7 @@ class IndexService(idx_grpc.IndexServicer):
             )
 
     def _ops(self, request: idx.IndexUpsertRequest) -> list[Op]:
+        self._store.check_open()
         self._check_space(request.space)
         self._check_count(len(request.items), "items")
         ops = []
@@ -131,6 +132,7 @@ class IndexService(idx_grpc.IndexServicer):
     async def Delete(
         self, request: idx.IndexDeleteRequest, context: grpc.aio.ServicerContext
     ) -> idx.IndexDeleteResponse:
+        self._store.check_open()
         self._check_space(request.space)
         self._check_count(len(request.ids), "ids")
         for position, item_id in enumerate(request.ids):
@@ -144,6 +146,7 @@ class IndexService(idx_grpc.IndexServicer):
     async def Search(
         self, request: idx.IndexSearchRequest, context: grpc.aio.ServicerContext
     ) -> idx.IndexSearchResponse:
+        self._store.check_open()
         self._check_space(request.space)
         check_k(request.k, self._settings.max_k, "INDEX_MAX_K")
         check_kinds(request.filter.kinds, "filter.kinds")
@@ -178,6 +181,7 @@ class IndexService(idx_grpc.IndexServicer):
     async def Stats(
         self, request: idx.IndexStatsRequest, context: grpc.aio.ServicerContext
     ) -> idx.IndexStatsResponse:
+        self._store.check_open()
         return idx.IndexStatsResponse(
             shard=self._shard,
             spaces=[

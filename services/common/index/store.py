@@ -51,6 +51,7 @@ class IndexStore:
         self._snapshot_task: asyncio.Task[None] | None = None
         self._closing = False
         self._broken: str = ""
+        self._opened = False  # open() has loaded everything: until then the spaces are incomplete
 
     async def open(self) -> None:
         """Load the newest snapshot, replay the log after it, and start taking writes."""
@@ -64,6 +65,7 @@ class IndexStore:
             replayed,
         )
         self._unsnapshotted = replayed
+        self._opened = True
         self._tasks.append(asyncio.get_running_loop().create_task(self._writer()))
         self._tasks.append(asyncio.get_running_loop().create_task(self._snapshot_timer()))
         if self._settings.fsync == "interval":
@@ -96,6 +98,12 @@ class IndexStore:
         if self._unsnapshotted:
             await self._snapshot(wait=True)
         self._log.close()
+
+    def check_open(self) -> None:
+        """Refuse a call while open() is still loading: searches would miss items, deletes call present
+        items not found, and writes would be checked against dimensions not loaded yet."""
+        if not self._opened:
+            raise Unavailable("index shard is still loading its data; retry shortly")
 
     def dimension(self, space: str) -> int | None:
         return self._dimensions.get(space)
