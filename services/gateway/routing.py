@@ -26,19 +26,24 @@ log = logging.getLogger("routing")
 _INPUT_INDEX = re.compile(r"inputs\[(\d+)\]")
 
 
+def backend_channel(address: str, max_message_bytes: int, reconnect_max_s: float) -> grpc.aio.Channel:
+    """A channel to a worker or shard that reconnects within `reconnect_max_s` after it restarts (not
+    after gRPC's default of up to 120 s)."""
+    return grpc.aio.insecure_channel(
+        address,
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.initial_reconnect_backoff_ms", min(1000, int(reconnect_max_s * 1000))),
+            ("grpc.max_reconnect_backoff_ms", int(reconnect_max_s * 1000)),
+        ],
+    )
+
+
 class Worker:
     def __init__(self, address: str, max_message_bytes: int, reconnect_max_s: float) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-                # A restarted worker is found within this, not after gRPC's default of up to 120 s.
-                ("grpc.initial_reconnect_backoff_ms", min(1000, int(reconnect_max_s * 1000))),
-                ("grpc.max_reconnect_backoff_ms", int(reconnect_max_s * 1000)),
-            ],
-        )
+        self.channel = backend_channel(address, max_message_bytes, reconnect_max_s)
         self.encoder = enc_grpc.EncoderStub(self.channel)
         self.cards: list[ModelCard] = []
         self.ready = False

@@ -20,6 +20,7 @@ from embeddings.v1 import types_pb2 as pb
 
 from services.common import metrics
 from services.common.errors import InvalidArgument, ServiceError, Unavailable
+from services.gateway.routing import backend_channel
 
 log = logging.getLogger("sharding")
 
@@ -53,15 +54,7 @@ class Merged:
 class Shard:
     def __init__(self, address: str, max_message_bytes: int, reconnect_max_s: float) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.initial_reconnect_backoff_ms", min(1000, int(reconnect_max_s * 1000))),
-                ("grpc.max_reconnect_backoff_ms", int(reconnect_max_s * 1000)),
-            ],
-        )
+        self.channel = backend_channel(address, max_message_bytes, reconnect_max_s)
         self.index = idx_grpc.IndexStub(self.channel)
 
     def failed(self, method: str, error: grpc.aio.AioRpcError) -> None:
