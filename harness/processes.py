@@ -222,6 +222,22 @@ def index_shard(
     return shard
 
 
+def useritem_worker(
+    data_dir: Path,
+    env: dict[str, str] | None = None,
+    log_dir: Path | None = None,
+    port: int | None = None,
+    fit_dir: Path | None = None,
+) -> Service:
+    """A user-item worker keeping its models in `data_dir`; Fit reads files from `fit_dir` (default: none)."""
+    settings = {
+        "USERITEM_DATA_DIR": str(data_dir),
+        "USERITEM_FIT_DIR": str(fit_dir) if fit_dir else "",
+        **(env or {}),
+    }
+    return Service("useritem", "USERITEM_", settings, log_dir, port)
+
+
 def gateway(
     workers: list[str],
     redis_url: str,
@@ -229,11 +245,13 @@ def gateway(
     log_dir: Path | None = None,
     port: int | None = None,
     shards: list[str] | None = None,
+    useritem: str = "",
 ) -> Service:
     settings = {
         "GATEWAY_WORKERS": ",".join(workers),
         "GATEWAY_REDIS_URL": redis_url,
         "GATEWAY_INDEX_SHARDS": ",".join(shards or []),
+        "GATEWAY_USERITEM": useritem,
         **(env or {}),
     }
     return Service("gateway", "GATEWAY_", settings, log_dir, port)

@@ -1,10 +1,12 @@
-"""`make run`: Redis, the text and image workers, two index shards and the gateway on this machine, on
-fixed ports; Ctrl-C stops all.
+"""`make run`: Redis, the text, image and user-item workers, two index shards and the gateway on this
+machine, on fixed ports; Ctrl-C stops all.
 
 Ports (override with the environment): gateway 50051 (GATEWAY_PORT), text worker 50061 (TEXT_PORT), image
-worker 50062 (IMAGE_PORT), index shards 50071 and 50072 (INDEX_PORT, INDEX_PORT + 1), Redis 6379
-(REDIS_PORT; an already running Redis there is used as it is), metrics 9150 / 9161 / 9162 / 9171 / 9172.
-Indexed items are kept in data/index-0 and data/index-1 (DATA_DIR), so they survive a restart.
+worker 50062 (IMAGE_PORT), user-item worker 50063 (USERITEM_PORT), index shards 50071 and 50072
+(INDEX_PORT, INDEX_PORT + 1), Redis 6379 (REDIS_PORT; an already running Redis there is used as it is),
+metrics 9150 / 9161 / 9162 / 9163 / 9171 / 9172. Indexed items are kept in data/index-0 and data/index-1,
+trained user-item models in data/useritem, and Fit reads interaction files from data/fit (all under
+DATA_DIR), so everything survives a restart.
 """
 
 import os
@@ -21,6 +23,7 @@ from harness.processes import (
     index_shard,
     redis_answers,
     text_worker,
+    useritem_worker,
 )
 
 
@@ -31,8 +34,10 @@ def main() -> None:
     text_port = int(os.environ.get("TEXT_PORT", "50061"))
     image_port = int(os.environ.get("IMAGE_PORT", "50062"))
     gateway_port = int(os.environ.get("GATEWAY_PORT", "50051"))
+    useritem_port = int(os.environ.get("USERITEM_PORT", "50063"))
     index_port = int(os.environ.get("INDEX_PORT", "50071"))
     data_dir = Path(os.environ.get("DATA_DIR", "data"))
+    (data_dir / "fit").mkdir(parents=True, exist_ok=True)
 
     children: list[RedisServer | Service] = []
     if not redis_answers(redis_port):
@@ -42,6 +47,13 @@ def main() -> None:
     backends = [
         text_worker({"TEXT_HOST": "0.0.0.0", "TEXT_METRICS_PORT": "9161"}, log_dir, text_port),
         image_worker({"IMAGE_HOST": "0.0.0.0", "IMAGE_METRICS_PORT": "9162"}, log_dir, image_port),
+        useritem_worker(
+            data_dir / "useritem",
+            {"USERITEM_HOST": "0.0.0.0", "USERITEM_METRICS_PORT": "9163"},
+            log_dir,
+            useritem_port,
+            data_dir / "fit",
+        ),
         *(
             index_shard(
                 data_dir / f"index-{number}",
@@ -59,7 +71,8 @@ def main() -> None:
         {"GATEWAY_HOST": "0.0.0.0", "GATEWAY_METRICS_PORT": "9150"},
         log_dir,
         gateway_port,
-        [backend.address for backend in backends[2:]],
+        [backend.address for backend in backends[3:]],
+        backends[2].address,
     )
     stopping = False
 
@@ -82,7 +95,8 @@ def main() -> None:
         gate.wait_serving()
         print(
             f"ready: gateway on localhost:{gateway_port} (metrics :9150), text worker on localhost:{text_port} "
-            f"(metrics :9161), image worker on localhost:{image_port} (metrics :9162), index shards on "
+            f"(metrics :9161), image worker on localhost:{image_port} (metrics :9162), user-item worker on "
+            f"localhost:{useritem_port} (metrics :9163; Fit files in {data_dir}/fit/), index shards on "
             f"localhost:{index_port} and localhost:{index_port + 1} (data in {data_dir}/), redis on "
             f"localhost:{redis_port}. Ctrl-C stops all.",
             flush=True,

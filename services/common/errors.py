@@ -33,3 +33,7 @@ class DeadlineExceeded(ServiceError):
 
 class Unimplemented(ServiceError):
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND

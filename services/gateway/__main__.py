@@ -8,6 +8,7 @@ from embeddings.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.server import serve
 from services.gateway.cache import VectorCache
 from services.gateway.encoding import CachingEncoder
+from services.gateway.recommending import Recommendations
 from services.gateway.routing import Router
 from services.gateway.servicer import GatewayService
 from services.gateway.settings import GatewaySettings
@@ -27,6 +28,10 @@ def main() -> None:
             settings.model_refresh_s,
             settings.max_message_bytes,
             settings.worker_reconnect_max_s,
+            _addresses(settings.useritem),
+        )
+        recommendations = Recommendations(
+            settings.useritem, router, settings.max_message_bytes, settings.worker_reconnect_max_s
         )
         cache = VectorCache(
             settings.redis_url, settings.cache_ttl_s, settings.redis_timeout_s, settings.redis_retry_s
@@ -34,7 +39,7 @@ def main() -> None:
         shards = ShardSet(
             _addresses(settings.index_shards), settings.max_message_bytes, settings.worker_reconnect_max_s
         )
-        service = GatewayService(router, CachingEncoder(router, cache), shards, settings)
+        service = GatewayService(router, CachingEncoder(router, cache), shards, recommendations, settings)
 
         def register(server: grpc.aio.Server) -> list[str]:
             gateway_pb2_grpc.add_GatewayServicer_to_server(service, server)
@@ -47,6 +52,7 @@ def main() -> None:
         async def shutdown() -> None:
             await router.close()
             await shards.close()
+            await recommendations.close()
             await cache.close()
 
         await serve("gateway", settings, register, startup, shutdown)

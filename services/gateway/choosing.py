@@ -17,7 +17,8 @@ class ModelChooser:
         self._preferred = preferred
 
     def card_for(self, model: str, inputs: Sequence[pb.Input], field: str, space: str = "") -> ModelCard:
-        """The named model (checked against the inputs), or the default one for the inputs' kind."""
+        """The named model (checked against the inputs), or the default one for the inputs' kind (for mixed
+        kinds: the first kind's default, if it accepts them all)."""
         kinds = sorted({kind_of(item, index) for index, item in enumerate(inputs)})
         if model:
             card = self._router.card(model)
@@ -27,13 +28,13 @@ class ModelChooser:
                     f"model {model!r} does not accept {', '.join(map(kind_name, refused))} inputs; it accepts "
                     f"{', '.join(map(kind_name, card.input_kinds))}"
                 )
-        elif len(kinds) > 1:
-            raise InvalidArgument(
-                f"{field} mix {' and '.join(map(kind_name, kinds))} inputs and no model is named; "
-                "name a model that accepts them all, or send each kind separately"
-            )
         else:
             card = self.default_card(kinds[0], space)
+            if not set(kinds) <= set(card.input_kinds):
+                raise InvalidArgument(
+                    f"{field} mix {' and '.join(map(kind_name, kinds))} inputs and no model is named; "
+                    "name a model that accepts them all, or send each kind separately"
+                )
         if space and card.space != space:
             raise InvalidArgument(
                 f"model {card.id!r} writes into space {card.space!r}, not the requested space {space!r}"

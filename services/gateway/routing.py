@@ -41,8 +41,12 @@ def backend_channel(address: str, max_message_bytes: int, reconnect_max_s: float
 
 
 class Worker:
-    def __init__(self, address: str, max_message_bytes: int, reconnect_max_s: float) -> None:
+    def __init__(
+        self, address: str, max_message_bytes: int, reconnect_max_s: float, empty_is_ready: bool = False
+    ) -> None:
         self.address = address
+        # An encoder lists no models only while loading; a user-item worker lists none until its first Fit.
+        self.empty_is_ready = empty_is_ready
         self.channel = backend_channel(address, max_message_bytes, reconnect_max_s)
         self.encoder = enc_grpc.EncoderStub(self.channel)
         self.cards: list[ModelCard] = []
@@ -51,21 +55,31 @@ class Worker:
 
 class Router:
     def __init__(
-        self, addresses: Sequence[str], refresh_s: float, max_message_bytes: int, reconnect_max_s: float
+        self,
+        addresses: Sequence[str],
+        refresh_s: float,
+        max_message_bytes: int,
+        reconnect_max_s: float,
+        trained_on_demand: Sequence[str] = (),
     ) -> None:
-        self.workers = [Worker(address, max_message_bytes, reconnect_max_s) for address in addresses]
+        """`trained_on_demand`: workers (user-item) whose models appear as they are trained."""
+        self.workers = [Worker(address, max_message_bytes, reconnect_max_s) for address in addresses] + [
+            Worker(address, max_message_bytes, reconnect_max_s, empty_is_ready=True)
+            for address in trained_on_demand
+        ]
         self._refresh_s = refresh_s
         self._routes: dict[str, list[Worker]] = {}
         self._turns: dict[str, itertools.count] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Wait until at least one worker (if any is configured) has listed its models, then keep the
-        routes fresh."""
-        while self.workers and not self._routes:
+        """Wait until at least one encoder worker (if any is configured) has listed its models, then keep
+        the routes fresh."""
+        encoders = [worker for worker in self.workers if not worker.empty_is_ready]
+        await self.refresh()
+        while encoders and not any(worker.ready for worker in encoders):
+            await asyncio.sleep(0.5)
             await self.refresh()
-            if not self._routes:
-                await asyncio.sleep(0.5)
         self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
 
     async def close(self) -> None:
@@ -96,10 +110,10 @@ class Router:
                 log.warning("worker %s unreachable: %s", worker.address, error.code().name)
             worker.ready = False
             return
-        if not response.models:  # up but still loading: keep routing its models (calls get UNAVAILABLE)
-            worker.ready = False
+        if not response.models and not worker.empty_is_ready:
+            worker.ready = False  # up but still loading: keep routing its models (calls get UNAVAILABLE)
             return
-        if not worker.ready:
+        if not worker.ready or len(response.models) != len(worker.cards):
             log.info("worker %s serves %s", worker.address, [m.id for m in response.models])
         worker.ready = True
         worker.cards = [ModelCard.from_proto(info) for info in response.models]

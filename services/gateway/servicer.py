@@ -11,13 +11,14 @@ from embeddings.v1 import gateway_pb2_grpc as gw_grpc
 from embeddings.v1 import recommender_pb2 as rec
 from embeddings.v1 import types_pb2 as pb
 
-from services.common.errors import InvalidArgument, Unimplemented
+from services.common.errors import InvalidArgument
 from services.common.inputs import check_batch_size, kind_of
 from services.common.streaming import ordered_pipeline
 from services.common.vectors import check_options, l2_normalize, shape
 from services.gateway.choosing import ModelChooser
 from services.gateway.encoding import CachingEncoder
 from services.gateway.indexing import Indexer
+from services.gateway.recommending import Recommendations
 from services.gateway.routing import Router
 from services.gateway.settings import GatewaySettings
 from services.gateway.sharding import ShardSet
@@ -25,9 +26,15 @@ from services.gateway.sharding import ShardSet
 
 class GatewayService(gw_grpc.GatewayServicer):
     def __init__(
-        self, router: Router, encoder: CachingEncoder, shards: ShardSet, settings: GatewaySettings
+        self,
+        router: Router,
+        encoder: CachingEncoder,
+        shards: ShardSet,
+        recommendations: Recommendations,
+        settings: GatewaySettings,
     ) -> None:
         self._router = router
+        self._recommendations = recommendations
         self._encoder = encoder
         self._settings = settings
         self._models = ModelChooser(
@@ -157,19 +164,22 @@ class GatewayService(gw_grpc.GatewayServicer):
     async def Recommend(
         self, request: rec.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> rec.RecommendResponse:
-        raise _not_yet("Recommend", "the user-item worker")
+        return await self._recommendations.recommend(request, self._timeout(context))
 
     async def SimilarItems(
         self, request: rec.SimilarItemsRequest, context: grpc.aio.ServicerContext
     ) -> rec.RecommendResponse:
-        raise _not_yet("SimilarItems", "the user-item worker")
+        return await self._recommendations.similar_items(request, self._timeout(context))
+
+    async def FoldIn(
+        self, request: rec.FoldInRequest, context: grpc.aio.ServicerContext
+    ) -> rec.FoldInResponse:
+        return await self._recommendations.fold_in(request, self._timeout(context))
 
     async def Fit(
         self, request_iterator: AsyncIterator[rec.FitRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[rec.FitProgress]:
-        raise _not_yet("Fit", "the user-item worker")
-        yield  # an async generator, as the streaming contract requires
-
-
-def _not_yet(method: str, needs: str) -> Unimplemented:
-    return Unimplemented(f"Gateway.{method} needs {needs}, which this deployment does not have yet")
+        remaining = context.time_remaining()
+        timeout = self._settings.fit_timeout_s if remaining is None else remaining
+        async for progress in self._recommendations.fit(request_iterator, timeout):
+            yield progress

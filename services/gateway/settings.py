@@ -16,6 +16,14 @@ class GatewaySettings(ServiceSettings):
         description="Comma-separated encoder worker addresses; the gateway asks each which models it "
         "serves. Empty: no models (vector-only Search/Upsert).",
     )
+    useritem: str = Field(
+        "localhost:50063",
+        description="Address of the user-item worker (Recommend, SimilarItems, FoldIn, Fit; Encode of user "
+        "and item ids). Empty: none, and those calls answer UNIMPLEMENTED.",
+    )
+    fit_timeout_s: float = Field(
+        3600.0, description="Deadline of a Fit passed to the user-item worker when the caller set none."
+    )
     model_refresh_s: float = Field(5.0, description="How often the workers' model lists are refreshed.")
     worker_timeout_s: float = Field(
         30.0, description="Deadline of a call to a worker when the caller set none (else the caller's)."

@@ -1,0 +1,56 @@
+"""Run the user-item worker: python -m services.useritem (settings: USERITEM_* environment variables)."""
+
+import asyncio
+import logging
+import os
+
+import grpc
+from embeddings.v1 import encoder_pb2, encoder_pb2_grpc, recommender_pb2, recommender_pb2_grpc
+
+from services.common.server import serve
+from services.useritem.catalog import Catalog
+from services.useritem.encoding import UserItemEncoder
+from services.useritem.fitting import Fitter
+from services.useritem.service import RecommenderService
+from services.useritem.settings import UserItemSettings
+from services.useritem.store import ModelStore
+
+log = logging.getLogger("useritem")
+
+
+def main() -> None:
+    settings = UserItemSettings()
+    import torch
+
+    torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
+    store = ModelStore(settings.data_dir, settings.keep_versions)
+    catalog = Catalog(settings.default_model)
+    fitter = Fitter(catalog, store, settings)
+    recommender = RecommenderService(catalog, fitter, settings)
+    encoder = UserItemEncoder(catalog, settings.max_inputs_per_request)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        recommender_pb2_grpc.add_RecommenderServicer_to_server(recommender, server)
+        encoder_pb2_grpc.add_EncoderServicer_to_server(encoder, server)
+        return [
+            recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name,
+            encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name,
+        ]
+
+    async def startup() -> None:
+        loaded = await asyncio.get_running_loop().run_in_executor(None, store.load_all)
+        for model in loaded.values():
+            catalog.put(model)
+            log.info("loaded model %s version %s (%s)", model.name, model.version, model.card().description)
+        if not loaded:
+            log.info("no trained model in %s yet: call Fit", settings.data_dir)
+
+    async def shutdown() -> None:
+        fitter.close()
+        recommender.close()
+
+    asyncio.run(serve("useritem", settings, register, startup, shutdown))
+
+
+if __name__ == "__main__":
+    main()

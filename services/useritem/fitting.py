@@ -1,0 +1,200 @@
+"""One Fit: read the interactions (stream or file), train on the fit thread while streaming progress,
+save the new version, and only then make it the serving one."""
+
+import asyncio
+import logging
+import math
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from embeddings.v1 import recommender_pb2 as rec
+
+from services.common.errors import InvalidArgument, ResourceExhausted
+from services.useritem.catalog import Catalog, check_model_name
+from services.useritem.interactions import Dataset, FitRules, InteractionBuffer, read_file, resolve_fit_file
+from services.useritem.model import TrainedModel
+from services.useritem.settings import UserItemSettings
+from services.useritem.store import ModelStore
+from services.useritem.training import EpochReport, TrainConfig, build_model, train
+
+log = logging.getLogger("useritem.fit")
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    model: str
+    implicit: bool
+    scale: tuple[float, float]
+
+
+def train_config(settings: UserItemSettings) -> TrainConfig:
+    return TrainConfig(
+        factors=settings.factors,
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        l2=settings.l2,
+        init_std=settings.init_std,
+        seed=settings.seed,
+        validation_fraction=settings.validation_fraction,
+        patience=settings.patience,
+        implicit_negatives=settings.implicit_negatives,
+    )
+
+
+class Fitter:
+    """Runs one Fit at a time (training takes every core); a second gets RESOURCE_EXHAUSTED."""
+
+    def __init__(self, catalog: Catalog, store: ModelStore, settings: UserItemSettings) -> None:
+        self._catalog = catalog
+        self._store = store
+        self._settings = settings
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="fit")
+        self._busy: str | None = None
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+    def plan(self, first: rec.FitRequest) -> FitPlan:
+        name = first.model or self._catalog.default
+        check_model_name(name)
+        scale = (first.rating_min, first.rating_max)
+        if scale == (0.0, 0.0):
+            scale = (self._settings.rating_min, self._settings.rating_max)
+        if not all(math.isfinite(bound) for bound in scale) or not scale[0] < scale[1]:
+            raise InvalidArgument(
+                f"rating scale [{first.rating_min:g}, {first.rating_max:g}] is not valid: rating_min must be "
+                "below rating_max (both 0: the worker's default scale)"
+            )
+        return FitPlan(name, first.implicit, scale)
+
+    def rules(self, plan: FitPlan) -> FitRules:
+        return FitRules(
+            implicit=plan.implicit,
+            rating_min=plan.scale[0],
+            rating_max=plan.scale[1],
+            min_interactions=self._settings.min_interactions,
+            max_interactions=self._settings.max_interactions,
+            max_id_bytes=self._settings.max_id_bytes,
+        )
+
+    async def fit(self, requests: AsyncIterator[rec.FitRequest]) -> AsyncIterator[rec.FitProgress]:
+        if self._busy is not None:
+            raise ResourceExhausted(
+                f"a Fit of model {self._busy!r} is running; one Fit runs at a time: retry when it is done"
+            )
+        self._busy = "(reading)"
+        try:
+            first = await anext(requests, None)
+            if first is None:
+                raise InvalidArgument("the Fit stream had no messages: send interactions, or a path first")
+            plan = self.plan(first)
+            self._busy = plan.model
+            data = await self._read(first, requests, self.rules(plan))
+            async for progress in self._train(plan, data):
+                yield progress
+        finally:
+            self._busy = None
+
+    async def _read(
+        self, first: rec.FitRequest, requests: AsyncIterator[rec.FitRequest], rules: FitRules
+    ) -> Dataset:
+        loop = asyncio.get_running_loop()
+        if first.path:
+            if first.interactions:
+                raise InvalidArgument(
+                    "the first FitRequest has both a path and interactions: send one or the other"
+                )
+            path = resolve_fit_file(self._settings.fit_dir, first.path)
+            if await anext(requests, None) is not None:
+                raise InvalidArgument("a Fit from a file takes one message; it had more")
+            return await loop.run_in_executor(self._thread, read_file, path, rules)
+        buffer = InteractionBuffer(rules)
+        buffer.add(first.interactions)
+        number = 1
+        async for request in requests:
+            if request.path or request.model or request.implicit or request.rating_min or request.rating_max:
+                raise InvalidArgument(
+                    f"FitRequest {number} sets path, model, implicit or the rating scale; only the first may"
+                )
+            buffer.add(request.interactions)
+            number += 1
+        return await loop.run_in_executor(self._thread, buffer.dataset)
+
+    async def _train(self, plan: FitPlan, data: Dataset) -> AsyncIterator[rec.FitProgress]:
+        loop = asyncio.get_running_loop()
+        reports: asyncio.Queue[EpochReport | None] = asyncio.Queue()
+        cancelled = threading.Event()
+        config = train_config(self._settings)
+        log.info(
+            "fit %s: %d interactions (%d duplicates merged), %d users, %d items, %s",
+            plan.model,
+            len(data),
+            data.duplicates,
+            len(data.users),
+            len(data.items),
+            "implicit" if plan.implicit else f"ratings in [{plan.scale[0]:g}, {plan.scale[1]:g}]",
+        )
+
+        def report(epoch: EpochReport) -> None:
+            log.info(
+                "fit %s: epoch %d/%d loss %.4f validation rmse %.4f recall@10 %.4f",
+                plan.model,
+                epoch.epoch,
+                epoch.epochs,
+                epoch.train_loss,
+                epoch.validation_rmse,
+                epoch.validation_recall_at_10,
+            )
+            loop.call_soon_threadsafe(reports.put_nowait, epoch)
+
+        def run() -> TrainedModel:
+            parameters, metrics = train(data, config, plan.implicit, report, cancelled)
+            model = build_model(plan.model, data, parameters, metrics, plan.implicit, plan.scale)
+            self._store.save(model)
+            return model
+
+        job = loop.run_in_executor(self._thread, run)
+        job.add_done_callback(lambda _: reports.put_nowait(None))
+        try:
+            while (epoch := await reports.get()) is not None:
+                yield _progress(epoch)
+            model = await job
+        finally:
+            cancelled.set()
+            await asyncio.gather(job, return_exceptions=True)
+        self._catalog.put(model)
+        metrics = model.metrics
+        log.info(
+            "fit %s: version %s serving (epoch %d, validation rmse %.4f, recall@10 %.4f, %.1fs)",
+            model.name,
+            model.version,
+            metrics.epochs,
+            metrics.validation_rmse,
+            metrics.validation_recall_at_10,
+            metrics.train_seconds,
+        )
+        yield rec.FitProgress(
+            epoch=metrics.epochs,
+            epochs=config.epochs,
+            train_loss=metrics.train_loss,
+            validation_rmse=metrics.validation_rmse,
+            done=True,
+            model=model.card().ref(),
+            interactions=len(data),
+            users=len(data.users),
+            items=len(data.items),
+            validation_recall_at_10=metrics.validation_recall_at_10,
+        )
+
+
+def _progress(epoch: EpochReport) -> rec.FitProgress:
+    return rec.FitProgress(
+        epoch=epoch.epoch,
+        epochs=epoch.epochs,
+        train_loss=epoch.train_loss,
+        validation_rmse=epoch.validation_rmse,
+        validation_recall_at_10=epoch.validation_recall_at_10,
+    )

@@ -1,0 +1,68 @@
+"""User-item worker settings, from USERITEM_* environment variables."""
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+
+class UserItemSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="USERITEM_", extra="ignore")
+
+    port: int = Field(50063, description="gRPC port.")
+    metrics_port: int = Field(9163, description="Prometheus /metrics port; 0 disables it.")
+    data_dir: str = Field(
+        "data/useritem", description="Directory of the trained models (one folder per model and version)."
+    )
+    default_model: str = Field("mf", description="Model that Fit trains and calls use when none is named.")
+    keep_versions: int = Field(
+        3, description="Versions of each model kept on disk (the serving one included)."
+    )
+    fit_dir: str = Field(
+        "data/fit",
+        description="Directory Fit may read interaction files from (FitRequest.path is relative to it and "
+        "confined to it); empty: Fit takes streamed interactions only.",
+    )
+    factors: int = Field(32, description="Dimension of the user and item vectors.")
+    epochs: int = Field(30, description="Most passes over the training interactions.")
+    batch_size: int = Field(1024, description="Interactions per gradient step.")
+    learning_rate: float = Field(0.01, description="Adam learning rate.")
+    l2: float = Field(
+        0.1, description="L2 penalty on the vectors and biases of each interaction's user and item."
+    )
+    init_std: float = Field(0.05, description="Standard deviation of the initial random vectors.")
+    seed: int = Field(0, description="Seed of the split, the initial vectors and the batch order.")
+    validation_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=0.5,
+        description="Share of interactions held out to measure validation RMSE and recall@10 (and to stop "
+        "early); 0: train on everything, no validation figures.",
+    )
+    patience: int = Field(
+        3, description="Stop after this many epochs without a better validation RMSE; keep the best epoch."
+    )
+    rating_min: float = Field(0.5, description="Lowest valid rating, unless a Fit declares its own scale.")
+    rating_max: float = Field(5.0, description="Highest valid rating, unless a Fit declares its own scale.")
+    implicit_negatives: int = Field(
+        4, description="Implicit fits: sampled unseen items ranked against each interaction (BPR loss)."
+    )
+    fold_in_alpha: float = Field(
+        20.0,
+        description="Implicit fold-in: weight of an interacted item against an unseen one in the least "
+        "squares fit.",
+    )
+    min_interactions: int = Field(20, description="Fewest interactions a Fit accepts.")
+    max_interactions: int = Field(20_000_000, description="Most interactions one Fit accepts.")
+    max_id_bytes: int = Field(512, description="Longest user or item id, in UTF-8 bytes.")
+    max_k: int = Field(1000, description="Largest k of Recommend, SimilarItems and FoldIn.")
+    max_inputs_per_request: int = Field(
+        1024, description="Most inputs in one Encode, or interactions in one FoldIn."
+    )
+    torch_threads: int = Field(0, description="torch threads for training; 0: one per core.")
+
+    @model_validator(mode="after")
+    def _check_scale(self) -> "UserItemSettings":
+        if not self.rating_min < self.rating_max:
+            raise ValueError("USERITEM_RATING_MIN must be below USERITEM_RATING_MAX")
+        return self

@@ -1,0 +1,255 @@
+"""Matrix factorisation in PyTorch: minibatch gradient steps (Adam) with L2 regularisation.
+
+Explicit: predicted rating = global mean + user bias + item bias + dot(user, item), squared error.
+Implicit: score = dot(user, item) + item bias, BPR loss (each interaction ranked above sampled items).
+A share of the interactions is held out: validation RMSE (explicit) or recall@10 decides when to stop,
+and the best epoch's parameters are kept. Deterministic for a seed (same data, same thread count).
+"""
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import torch
+
+from services.common.errors import ServiceError
+from services.useritem.interactions import Dataset
+from services.useritem.model import Metrics, TrainedModel
+
+RECALL_USERS = 2000  # validation users scored for recall@10 (a deterministic sample beyond that)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    factors: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    l2: float
+    init_std: float
+    seed: int
+    validation_fraction: float
+    patience: int
+    implicit_negatives: int
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    epoch: int
+    epochs: int
+    train_loss: float
+    validation_rmse: float
+    validation_recall_at_10: float
+
+
+class FitCancelled(ServiceError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class _Factorisation(torch.nn.Module):
+    def __init__(self, users: int, items: int, factors: int, init_std: float, mean: float) -> None:
+        super().__init__()
+        self.users = torch.nn.Parameter(torch.randn(users, factors) * init_std)
+        self.items = torch.nn.Parameter(torch.randn(items, factors) * init_std)
+        self.user_bias = torch.nn.Parameter(torch.zeros(users))
+        self.item_bias = torch.nn.Parameter(torch.zeros(items))
+        self.mean = mean
+
+    def rating(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        dot = (self.users[users] * self.items[items]).sum(dim=1)
+        return self.mean + self.user_bias[users] + self.item_bias[items] + dot
+
+    def ranking(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return (self.users[users] * self.items[items]).sum(dim=-1) + self.item_bias[items]
+
+
+def split(data: Dataset, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation row numbers. Validation rows whose user or item would be left with no
+    training interaction go back to training (a model cannot be judged on ids it never saw)."""
+    rng = np.random.default_rng(seed)
+    held = rng.random(len(data)) < fraction
+    train = ~held
+    for rows in (data.user_rows, data.item_rows):
+        known = np.zeros(rows.max() + 1, dtype=bool)
+        known[rows[train]] = True
+        back = held & ~known[rows]
+        # One held-out interaction per unknown id is enough to make it known.
+        _, first = np.unique(rows[back], return_index=True)
+        train[np.flatnonzero(back)[first]] = True
+        held = ~train
+    return np.flatnonzero(train), np.flatnonzero(held)
+
+
+def train(
+    data: Dataset,
+    config: TrainConfig,
+    implicit: bool,
+    report: Callable[[EpochReport], None],
+    cancelled: threading.Event,
+) -> tuple[dict[str, np.ndarray], Metrics]:
+    """Parameters of the best epoch (users, items, user_bias, item_bias as arrays, mean) and metrics."""
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    train_rows, valid_rows = split(data, config.validation_fraction, config.seed)
+    users = torch.from_numpy(data.user_rows)
+    items = torch.from_numpy(data.item_rows)
+    ratings = torch.from_numpy(data.ratings)
+    mean = 0.0 if implicit else float(data.ratings[train_rows].mean())
+    model = _Factorisation(len(data.users), len(data.items), config.factors, config.init_std, mean)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    train_index = torch.from_numpy(train_rows)
+    seen = _seen_sets(data, train_rows) if implicit else None
+
+    best: tuple[float, dict[str, np.ndarray], EpochReport] | None = None
+    stale = 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        total, count = 0.0, 0
+        order = train_index[torch.randperm(len(train_index), generator=generator)]
+        for start in range(0, len(order), config.batch_size):
+            if cancelled.is_set():
+                raise FitCancelled("the Fit was cancelled")
+            batch = order[start : start + config.batch_size]
+            u, i = users[batch], items[batch]
+            if implicit:
+                negatives = torch.randint(
+                    len(data.items), (len(batch), config.implicit_negatives), generator=generator
+                )
+                positive = model.ranking(u, i)[:, None]
+                negative = model.ranking(u[:, None], negatives)
+                fit = -torch.nn.functional.logsigmoid(positive - negative).mean()
+                sampled = (model.items[negatives] ** 2).sum(dim=2) + model.item_bias[negatives] ** 2
+                penalty = sampled.mean(dim=1) + model.item_bias[i] ** 2
+            else:
+                fit = ((model.rating(u, i) - ratings[batch]) ** 2).mean()
+                penalty = model.user_bias[u] ** 2 + model.item_bias[i] ** 2
+            penalty = penalty + (model.users[u] ** 2).sum(dim=1) + (model.items[i] ** 2).sum(dim=1)
+            loss = fit + config.l2 * penalty.mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += fit.item() * len(batch)
+            count += len(batch)
+
+        model.eval()
+        with torch.no_grad():
+            rmse = 0.0
+            if not implicit and len(valid_rows):
+                v = torch.from_numpy(valid_rows)
+                rmse = math.sqrt(float(((model.rating(users[v], items[v]) - ratings[v]) ** 2).mean()))
+            recall = recall_at_10(model, data, train_rows, valid_rows, seen) if implicit else 0.0
+        epoch_report = EpochReport(epoch, config.epochs, total / max(count, 1), rmse, recall)
+        report(epoch_report)
+        if not len(valid_rows):
+            best = (0.0, _snapshot(model), epoch_report)
+            continue
+        error = -recall if implicit else rmse
+        if best is None or error < best[0]:
+            best, stale = (error, _snapshot(model), epoch_report), 0
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+
+    assert best is not None
+    _, parameters, chosen = best
+    if not implicit and len(valid_rows):
+        restored = _Factorisation(len(data.users), len(data.items), config.factors, 0.0, mean)
+        with torch.no_grad():
+            for name, array in parameters.items():
+                getattr(restored, name).copy_(torch.from_numpy(array))
+        recall = recall_at_10(restored, data, train_rows, valid_rows, _seen_sets(data, train_rows))
+    else:
+        recall = chosen.validation_recall_at_10
+    parameters["mean"] = np.array(mean, dtype=np.float64)
+    metrics = Metrics(
+        validation_rmse=chosen.validation_rmse,
+        validation_recall_at_10=recall,
+        train_loss=chosen.train_loss,
+        epochs=chosen.epoch,
+        train_seconds=time.perf_counter() - started,
+        interactions=len(data),
+    )
+    return parameters, metrics
+
+
+def _snapshot(model: _Factorisation) -> dict[str, np.ndarray]:
+    return {
+        name: getattr(model, name).detach().numpy().astype(np.float32).copy()
+        for name in ("users", "items", "user_bias", "item_bias")
+    }
+
+
+def _seen_sets(data: Dataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return seen_lists(data.user_rows[rows], data.item_rows[rows], len(data.users))
+
+
+def seen_lists(user_rows: np.ndarray, item_rows: np.ndarray, users: int) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, items) of each user's items, CSR style, items sorted within a user."""
+    order = np.lexsort((item_rows, user_rows))
+    offsets = np.zeros(users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(user_rows, minlength=users), out=offsets[1:])
+    return offsets, item_rows[order].astype(np.int64)
+
+
+def recall_at_10(
+    model: _Factorisation,
+    data: Dataset,
+    train_rows: np.ndarray,
+    valid_rows: np.ndarray,
+    seen: tuple[np.ndarray, np.ndarray] | None,
+) -> float:
+    """Mean over validation users of |top 10 ∩ held-out| / min(10, |held-out|), items seen in training
+    excluded from the top 10."""
+    if not len(valid_rows):
+        return 0.0
+    offsets, seen_items = seen if seen is not None else _seen_sets(data, train_rows)
+    held_users = data.user_rows[valid_rows]
+    users = np.unique(held_users)
+    if len(users) > RECALL_USERS:
+        users = np.sort(np.random.default_rng(0).choice(users, RECALL_USERS, replace=False))
+    with torch.no_grad():
+        vectors = model.users[torch.from_numpy(users)]
+        scores = (vectors @ model.items.T + model.item_bias).numpy()
+    held_offsets, held_items = seen_lists(held_users, data.item_rows[valid_rows], len(data.users))
+    total = 0.0
+    k = min(10, scores.shape[1])
+    for row, user in enumerate(users):
+        scores[row, seen_items[offsets[user] : offsets[user + 1]]] = -np.inf
+        top = np.argpartition(-scores[row], k - 1)[:k]
+        held = held_items[held_offsets[user] : held_offsets[user + 1]]
+        total += len(np.intersect1d(top, held)) / min(10, len(held))
+    return total / len(users)
+
+
+def build_model(
+    name: str,
+    data: Dataset,
+    parameters: dict[str, np.ndarray],
+    metrics: Metrics,
+    implicit: bool,
+    scale: tuple[float, float],
+) -> TrainedModel:
+    offsets, seen_items = seen_lists(data.user_rows, data.item_rows, len(data.users))
+    return TrainedModel(
+        name=name,
+        implicit=implicit,
+        rating_min=scale[0],
+        rating_max=scale[1],
+        global_mean=float(parameters["mean"]),
+        users=data.users,
+        items=data.items,
+        user_vectors=parameters["users"],
+        item_vectors=parameters["items"],
+        user_bias=parameters["user_bias"],
+        item_bias=parameters["item_bias"],
+        seen_offsets=offsets,
+        seen_items=seen_items,
+        metrics=metrics,
+        created=time.time(),
+    )
