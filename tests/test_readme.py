@@ -10,6 +10,7 @@ from services.gateway.settings import GatewaySettings
 from services.image.settings import ImageSettings
 from services.index.settings import ShardSettings
 from services.text.settings import TextSettings
+from services.useritem.settings import UserItemSettings
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -22,6 +23,7 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
         (ClipSettings, "CLIP_"),
         (GatewaySettings, "GATEWAY_"),
         (ShardSettings, "INDEX_"),
+        (UserItemSettings, "USERITEM_"),
     ],
 )
 def test_every_setting_is_in_the_readme_with_its_default(settings: type[BaseSettings], prefix: str) -> None:

@@ -4,6 +4,7 @@ After a Fit through the gateway the model routes are refreshed at once, so Encod
 uses (and caches under) the new version straight away rather than after the next periodic refresh.
 """
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -63,13 +64,34 @@ class Recommendations:
     async def fit(
         self, requests: AsyncIterator[rec.FitRequest], timeout: float
     ) -> AsyncIterator[rec.FitProgress]:
-        call = self._worker("Fit").Fit(requests, timeout=timeout)
+        """Relay a Fit: the caller's messages are written to the worker by a sender task while the
+        worker's progress is read here, so the worker's own status (say, INVALID_ARGUMENT for a bad
+        interaction sent while more were on the way) is what the caller gets."""
+        call = self._worker("Fit").Fit(timeout=timeout)
+        sender = asyncio.ensure_future(_send(requests, call))
         try:
-            async for progress in call:
+            while (progress := await call.read()) != grpc.aio.EOF:
+                assert isinstance(progress, rec.FitProgress)
                 if progress.done:
                     await self._router.refresh()
                 yield progress
+            await sender  # the caller's stream failed: its error, not a truncated Fit
         except grpc.aio.AioRpcError as error:
             raise self._translate(error) from None
         finally:
             call.cancel()
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+
+
+async def _send(requests: AsyncIterator[rec.FitRequest], call: grpc.aio.StreamStreamCall) -> None:
+    """Write the caller's FitRequests to the worker's call; a failed caller stream cancels the call."""
+    try:
+        async for request in requests:
+            await call.write(request)
+        await call.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        return  # the worker ended the call; reading it gives its status
+    except BaseException:
+        call.cancel()
+        raise

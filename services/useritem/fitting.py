@@ -114,10 +114,13 @@ class Fitter:
         buffer = InteractionBuffer(rules)
         buffer.add(first.interactions)
         number = 1
+        settings = (first.model, first.implicit, first.rating_min, first.rating_max)
         async for request in requests:
-            if request.path or request.model or request.implicit or request.rating_min or request.rating_max:
+            repeated = (request.model, request.implicit, request.rating_min, request.rating_max)
+            if request.path or (any(repeated) and repeated != settings):
                 raise InvalidArgument(
-                    f"FitRequest {number} sets path, model, implicit or the rating scale; only the first may"
+                    f"FitRequest {number} sets path, or a model, implicit or rating scale other than the "
+                    "first message's; only the first message sets them (later ones may repeat them)"
                 )
             buffer.add(request.interactions)
             number += 1

@@ -68,7 +68,7 @@ class InteractionBuffer:
                 check_rating(interaction.rating, rules.rating_min, rules.rating_max, f"{where}.rating")
             self._users.append(interaction.user_id)
             self._items.append(interaction.item_id)
-            self._ratings.append(interaction.rating)
+            self._ratings.append(1.0 if rules.implicit else interaction.rating)
             self._timestamps.append(interaction.timestamp)
 
     def dataset(self) -> Dataset:
@@ -157,12 +157,14 @@ def read_file(path: Path, rules: FitRules) -> Dataset:
 
 
 def _ids(column: pd.Series, limit: int, name: str) -> np.ndarray:
-    values = column.astype(str).to_numpy(dtype=object)
+    missing = column.isna().to_numpy()
+    values = column.astype(str).to_numpy(dtype=object, copy=True)
+    values[missing] = ""  # astype(str) keeps missing values as NaN (pandas >= 3): they are empty ids
     sizes = np.fromiter((len(value.encode()) for value in values), dtype=np.int64, count=len(values))
-    bad = (sizes == 0) | (sizes > limit) | column.isna().to_numpy()
+    bad = (sizes == 0) | (sizes > limit)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        check_id("" if column.isna().iloc[row] else values[row], limit, f"row {row}: {name}")
+        check_id(values[row], limit, f"row {row}: {name}")
     return values
 
 

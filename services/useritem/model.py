@@ -135,18 +135,18 @@ class TrainedModel:
     ) -> tuple[np.ndarray, float]:
         """A new user's (vector, bias) by least squares against the fixed item vectors.
 
-        Explicit: minimise sum (r - mean - item bias - user bias - dot(p, q))^2 + l2 * n * (|p|^2 + b^2),
-        the per-user objective training minimised. Implicit: the weighted least squares of implicit ALS,
+        Explicit: minimise sum (r - mean - item bias - user bias - dot(p, q))^2 + l2 * (|p|^2 + b^2),
+        the per-user part of what training minimised. Implicit: the weighted least squares of implicit ALS,
         target 1 for the interacted items (weight 1 + alpha) and 0 for every other item (weight 1).
         """
         vectors = self.item_vectors[item_rows].astype(np.float64)
         n = len(item_rows)
         if self.implicit:
-            gram = self._item_gram + alpha * vectors.T @ vectors + l2 * n * np.eye(self.factors)
+            gram = self._item_gram + alpha * vectors.T @ vectors + l2 * np.eye(self.factors)
             solution = np.linalg.solve(gram, (1.0 + alpha) * vectors.sum(axis=0))
             return solution.astype(np.float32), 0.0
         design = np.hstack([vectors, np.ones((n, 1))])
         target = ratings.astype(np.float64) - self.global_mean - self.item_bias[item_rows]
-        gram = design.T @ design + l2 * max(n, 1) * np.eye(self.factors + 1)
+        gram = design.T @ design + l2 * np.eye(self.factors + 1)
         solution = np.linalg.solve(gram, design.T @ target)
         return solution[:-1].astype(np.float32), float(solution[-1])

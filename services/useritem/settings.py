@@ -28,7 +28,9 @@ class UserItemSettings(ServiceSettings):
     batch_size: int = Field(1024, description="Interactions per gradient step.")
     learning_rate: float = Field(0.01, description="Adam learning rate.")
     l2: float = Field(
-        0.1, description="L2 penalty on the vectors and biases of each interaction's user and item."
+        10.0,
+        description="L2 penalty: this times the sum of squares of all vectors and biases is added to the sum "
+        "of squared errors (a Gaussian prior; larger keeps rarely rated items and users nearer the mean).",
     )
     init_std: float = Field(0.05, description="Standard deviation of the initial random vectors.")
     seed: int = Field(0, description="Seed of the split, the initial vectors and the batch order.")

@@ -85,7 +85,8 @@ class ModelStore:
 
     def _prune(self, folder: Path, current: str) -> None:
         versions = sorted(self._versions(folder), key=lambda path: path.stat().st_mtime, reverse=True)
-        keep = {current, *(path.name for path in versions[: self._keep - 1])}
+        others = [path.name for path in versions if path.name != current]
+        keep = {current, *others[: self._keep - 1]}
         for path in folder.iterdir():
             if path.is_dir() and (path.name.startswith(".tmp-") or path.name not in keep):
                 shutil.rmtree(path, ignore_errors=True)
@@ -107,7 +108,8 @@ class ModelStore:
             for version in candidates:
                 try:
                     models[folder.name] = load(version)
-                except (OSError, ValueError, KeyError) as error:
+                except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+                    # TypeError, AttributeError: a meta.json that is JSON but not of the expected shape
                     log.error(
                         "model %s version %s is damaged (%s); trying an older one",
                         folder.name,
