@@ -2,6 +2,7 @@
 save the new version, and only then make it the serving one."""
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 from embeddings.v1 import recommender_pb2 as rec
 
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError
 from services.useritem.catalog import Catalog, check_model_name
 from services.useritem.interactions import Dataset, FitRules, InteractionBuffer, read_file, resolve_fit_file
 from services.useritem.model import TrainedModel
@@ -29,13 +30,13 @@ class FitPlan:
     scale: tuple[float, float]
 
 
-def train_config(settings: UserItemSettings) -> TrainConfig:
+def train_config(settings: UserItemSettings, implicit: bool = False) -> TrainConfig:
     return TrainConfig(
         factors=settings.factors,
         epochs=settings.epochs,
         batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
-        l2=settings.l2,
+        l2=settings.implicit_l2 if implicit else settings.l2,
         init_std=settings.init_std,
         seed=settings.seed,
         validation_fraction=settings.validation_fraction,
@@ -81,6 +82,19 @@ class Fitter:
         )
 
     async def fit(self, requests: AsyncIterator[rec.FitRequest]) -> AsyncIterator[rec.FitProgress]:
+        try:
+            async for progress in self._fit(requests):
+                yield progress
+        except ServiceError:
+            # Read the rest of the stream before answering: ending the call while an asyncio client (the
+            # gateway) is still writing makes that client report INTERNAL "Internal error from Core"
+            # instead of this error (grpc/grpc#36066).
+            with contextlib.suppress(Exception):
+                async for _ in requests:
+                    pass
+            raise
+
+    async def _fit(self, requests: AsyncIterator[rec.FitRequest]) -> AsyncIterator[rec.FitProgress]:
         if self._busy is not None:
             raise ResourceExhausted(
                 f"a Fit of model {self._busy!r} is running; one Fit runs at a time: retry when it is done"
@@ -130,7 +144,7 @@ class Fitter:
         loop = asyncio.get_running_loop()
         reports: asyncio.Queue[EpochReport | None] = asyncio.Queue()
         cancelled = threading.Event()
-        config = train_config(self._settings)
+        config = train_config(self._settings, plan.implicit)
         log.info(
             "fit %s: %d interactions (%d duplicates merged), %d users, %d items, %s",
             plan.model,
@@ -155,7 +169,7 @@ class Fitter:
 
         def run() -> TrainedModel:
             parameters, metrics = train(data, config, plan.implicit, report, cancelled)
-            model = build_model(plan.model, data, parameters, metrics, plan.implicit, plan.scale)
+            model = build_model(plan.model, data, parameters, metrics, plan.implicit, plan.scale, config.l2)
             self._store.save(model)
             return model
 

@@ -45,6 +45,7 @@ class TrainedModel:
     seen_items: np.ndarray  # int64
     metrics: Metrics = field(default_factory=Metrics)
     created: float = 0.0
+    l2: float = 0.0  # the penalty it was trained with, which fold-in applies too
 
     @cached_property
     def version(self) -> str:
@@ -55,7 +56,9 @@ class TrainedModel:
         digest.update("\0".join(self.users).encode())
         digest.update(b"\1")
         digest.update("\0".join(self.items).encode())
-        digest.update(repr((self.implicit, self.global_mean, self.rating_min, self.rating_max)).encode())
+        digest.update(
+            repr((self.implicit, self.global_mean, self.rating_min, self.rating_max, self.l2)).encode()
+        )
         return digest.hexdigest()[:16]
 
     @property
@@ -130,9 +133,7 @@ class TrainedModel:
         selection[item_row] = False
         return exact_top_k(self._unit_items, self._unit_items[item_row], k, selection)
 
-    def fold_in(
-        self, item_rows: np.ndarray, ratings: np.ndarray, l2: float, alpha: float
-    ) -> tuple[np.ndarray, float]:
+    def fold_in(self, item_rows: np.ndarray, ratings: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
         """A new user's (vector, bias) by least squares against the fixed item vectors.
 
         Explicit: minimise sum (r - mean - item bias - user bias - dot(p, q))^2 + l2 * (|p|^2 + b^2),
@@ -142,11 +143,11 @@ class TrainedModel:
         vectors = self.item_vectors[item_rows].astype(np.float64)
         n = len(item_rows)
         if self.implicit:
-            gram = self._item_gram + alpha * vectors.T @ vectors + l2 * np.eye(self.factors)
+            gram = self._item_gram + alpha * vectors.T @ vectors + self.l2 * np.eye(self.factors)
             solution = np.linalg.solve(gram, (1.0 + alpha) * vectors.sum(axis=0))
             return solution.astype(np.float32), 0.0
         design = np.hstack([vectors, np.ones((n, 1))])
         target = ratings.astype(np.float64) - self.global_mean - self.item_bias[item_rows]
-        gram = design.T @ design + l2 * np.eye(self.factors + 1)
+        gram = design.T @ design + self.l2 * np.eye(self.factors + 1)
         solution = np.linalg.solve(gram, design.T @ target)
         return solution[:-1].astype(np.float32), float(solution[-1])

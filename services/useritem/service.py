@@ -76,9 +76,7 @@ class RecommenderService(rec_grpc.RecommenderServicer):
             check_k(request.k, self._settings.max_k, "USERITEM_MAX_K")
         model = self._catalog.get(request.model)
         rows, ratings = self._fold_in_rows(model, request.interactions)
-        vector, bias = await self._run(
-            model.fold_in, rows, ratings, self._settings.l2, self._settings.fold_in_alpha
-        )
+        vector, bias = await self._run(model.fold_in, rows, ratings, self._settings.fold_in_alpha)
         items: list[pb.Hit] = []
         if request.k:
             exclude = None if request.include_seen else rows

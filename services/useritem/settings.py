@@ -32,6 +32,11 @@ class UserItemSettings(ServiceSettings):
         description="L2 penalty: this times the sum of squares of all vectors and biases is added to the sum "
         "of squared errors (a Gaussian prior; larger keeps rarely rated items and users nearer the mean).",
     )
+    implicit_l2: float = Field(
+        0.3,
+        description="The L2 penalty of implicit fits, on the same terms as USERITEM_L2 (the BPR loss is on "
+        "another scale than squared rating errors).",
+    )
     init_std: float = Field(0.05, description="Standard deviation of the initial random vectors.")
     seed: int = Field(0, description="Seed of the split, the initial vectors and the batch order.")
     validation_fraction: float = Field(

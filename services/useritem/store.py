@@ -70,6 +70,7 @@ class ModelStore:
                 "rating_max": model.rating_max,
                 "global_mean": model.global_mean,
                 "created": model.created,
+                "l2": model.l2,
                 "metrics": dataclasses.asdict(model.metrics),
                 "sha256": sums,
             }
@@ -146,6 +147,7 @@ def load(folder: Path) -> TrainedModel:
         items=ids["items"],
         metrics=Metrics(**meta["metrics"]),
         created=meta["created"],
+        l2=meta["l2"],
         **arrays,
     )
     if model.version != meta["version"]:

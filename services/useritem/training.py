@@ -93,7 +93,25 @@ def train(
     report: Callable[[EpochReport], None],
     cancelled: threading.Event,
 ) -> tuple[dict[str, np.ndarray], Metrics]:
-    """Parameters of the best epoch (users, items, user_bias, item_bias as arrays, mean) and metrics."""
+    """Parameters of the best epoch (users, items, user_bias, item_bias as arrays, mean) and metrics.
+
+    torch's deterministic kernels are on while it trains: the multi-threaded scatter-add of embedding
+    gradients otherwise sums in a varying order, and the same data and seed would give a new version."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(data, config, implicit, report, cancelled)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(
+    data: Dataset,
+    config: TrainConfig,
+    implicit: bool,
+    report: Callable[[EpochReport], None],
+    cancelled: threading.Event,
+) -> tuple[dict[str, np.ndarray], Metrics]:
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -236,6 +254,7 @@ def build_model(
     metrics: Metrics,
     implicit: bool,
     scale: tuple[float, float],
+    l2: float,
 ) -> TrainedModel:
     offsets, seen_items = seen_lists(data.user_rows, data.item_rows, len(data.users))
     return TrainedModel(
@@ -254,4 +273,5 @@ def build_model(
         seen_items=seen_items,
         metrics=metrics,
         created=time.time(),
+        l2=l2,
     )
