@@ -42,6 +42,8 @@ class GatewayService(gw_grpc.GatewayServicer):
             {
                 pb.INPUT_KIND_TEXT: settings.default_text_model,
                 pb.INPUT_KIND_IMAGE: settings.default_image_model,
+                pb.INPUT_KIND_USER: settings.default_useritem_model,
+                pb.INPUT_KIND_ITEM: settings.default_useritem_model,
             },
         )
         self._indexer = Indexer(router, self._models, encoder, shards, settings)

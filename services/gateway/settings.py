@@ -33,6 +33,9 @@ class GatewaySettings(ServiceSettings):
     )
     default_text_model: str = Field("all-MiniLM-L6-v2", description="Model for text when none is named.")
     default_image_model: str = Field("efficientnet-lite0", description="Model for images when none is named.")
+    default_useritem_model: str = Field(
+        "mf", description="Model for user and item ids in Encode when none is named (USERITEM_DEFAULT_MODEL)."
+    )
     redis_url: str = Field("redis://localhost:6379/0", description="Vector cache; empty: no cache.")
     cache_ttl_s: int = Field(7 * 24 * 3600, description="Lifetime of a cached vector in seconds.")
     redis_timeout_s: float = Field(
