@@ -6,10 +6,12 @@ uses (and caches under) the new version straight away rather than after the next
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from embeddings.v1 import recommender_pb2 as rec
 from embeddings.v1 import recommender_pb2_grpc as rec_grpc
+from google.protobuf.message import Message
 
 from services.common import metrics
 from services.common.errors import DeadlineExceeded, ServiceError, Unavailable, Unimplemented
@@ -43,23 +45,21 @@ class Recommendations:
             return DeadlineExceeded(f"user-item worker {self._address} did not answer within the deadline")
         return ServiceError(details, code)
 
-    async def recommend(self, request: rec.RecommendRequest, timeout: float) -> rec.RecommendResponse:
+    async def _unary(self, method: str, request: Message, timeout: float) -> Any:
+        """Call the worker's unary `method`, its failures translated."""
         try:
-            return await self._worker("Recommend").Recommend(request, timeout=timeout)
+            return await getattr(self._worker(method), method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:
             raise self._translate(error) from None
+
+    async def recommend(self, request: rec.RecommendRequest, timeout: float) -> rec.RecommendResponse:
+        return await self._unary("Recommend", request, timeout)
 
     async def similar_items(self, request: rec.SimilarItemsRequest, timeout: float) -> rec.RecommendResponse:
-        try:
-            return await self._worker("SimilarItems").SimilarItems(request, timeout=timeout)
-        except grpc.aio.AioRpcError as error:
-            raise self._translate(error) from None
+        return await self._unary("SimilarItems", request, timeout)
 
     async def fold_in(self, request: rec.FoldInRequest, timeout: float) -> rec.FoldInResponse:
-        try:
-            return await self._worker("FoldIn").FoldIn(request, timeout=timeout)
-        except grpc.aio.AioRpcError as error:
-            raise self._translate(error) from None
+        return await self._unary("FoldIn", request, timeout)
 
     async def fit(
         self, requests: AsyncIterator[rec.FitRequest], timeout: float

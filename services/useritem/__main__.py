@@ -41,7 +41,7 @@ def main() -> None:
         loaded = await asyncio.get_running_loop().run_in_executor(None, store.load_all)
         for model in loaded.values():
             catalog.put(model)
-            log.info("loaded model %s version %s (%s)", model.name, model.version, model.card().description)
+            log.info("loaded model %s version %s (%s)", model.name, model.version, model.card.description)
         if not loaded:
             log.info("no trained model in %s yet: call Fit", settings.data_dir)
 

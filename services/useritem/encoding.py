@@ -22,7 +22,7 @@ class UserItemEncoder(enc_grpc.EncoderServicer):
     async def ListModels(
         self, request: enc.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> enc.ListModelsResponse:
-        return enc.ListModelsResponse(models=[model.card().to_proto() for model in self._catalog.models])
+        return enc.ListModelsResponse(models=[model.card.to_proto() for model in self._catalog.models])
 
     async def Encode(
         self, request: enc.EncodeRequest, context: grpc.aio.ServicerContext
@@ -43,7 +43,7 @@ class UserItemEncoder(enc_grpc.EncoderServicer):
                 )
         vectors = shape(np.stack(rows), request.options)
         return enc.EncodeResponse(
-            model=model.card().ref(),
+            model=model.card.ref(),
             request_id=request.request_id,
             embeddings=[pb.Embedding(vector=vector) for vector in vectors],
         )

@@ -199,7 +199,7 @@ class Fitter:
             train_loss=metrics.train_loss,
             validation_rmse=metrics.validation_rmse,
             done=True,
-            model=model.card().ref(),
+            model=model.card.ref(),
             interactions=len(data),
             users=len(data.users),
             items=len(data.items),

@@ -91,6 +91,7 @@ class TrainedModel:
     def _item_gram(self) -> np.ndarray:
         return (self.item_vectors.T.astype(np.float64) @ self.item_vectors).astype(np.float64)
 
+    @cached_property
     def card(self) -> ModelCard:
         kind = "implicit (BPR)" if self.implicit else "explicit ratings"
         quality = (

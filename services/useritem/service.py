@@ -52,7 +52,7 @@ class RecommenderService(rec_grpc.RecommenderServicer):
         model = self._catalog.get(request.model)
         row = user_row(model, request.user_id)
         ranked = await self._run(model.recommend, row, request.k, request.include_seen)
-        return rec.RecommendResponse(items=_hits(model, ranked), model=model.card().ref())
+        return rec.RecommendResponse(items=_hits(model, ranked), model=model.card.ref())
 
     async def SimilarItems(
         self, request: rec.SimilarItemsRequest, context: grpc.aio.ServicerContext
@@ -61,7 +61,7 @@ class RecommenderService(rec_grpc.RecommenderServicer):
         model = self._catalog.get(request.model)
         row = item_row(model, request.item_id)
         ranked = await self._run(model.similar_items, row, request.k)
-        return rec.RecommendResponse(items=_hits(model, ranked), model=model.card().ref())
+        return rec.RecommendResponse(items=_hits(model, ranked), model=model.card.ref())
 
     async def FoldIn(
         self, request: rec.FoldInRequest, context: grpc.aio.ServicerContext
@@ -81,7 +81,7 @@ class RecommenderService(rec_grpc.RecommenderServicer):
         if request.k:
             exclude = None if request.include_seen else rows
             items = _hits(model, await self._run(model.rank, vector, bias, request.k, exclude))
-        return rec.FoldInResponse(vector=to_wire(vector), model=model.card().ref(), items=items)
+        return rec.FoldInResponse(vector=to_wire(vector), model=model.card.ref(), items=items)
 
     def _fold_in_rows(
         self, model: TrainedModel, interactions: Sequence[rec.Interaction]

@@ -123,7 +123,7 @@ def _train(
     model = _Factorisation(len(data.users), len(data.items), config.factors, config.init_std, mean)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     train_index = torch.from_numpy(train_rows)
-    seen = _seen_sets(data, train_rows) if implicit else None
+    seen = _seen_sets(data, train_rows)
 
     best: tuple[float, dict[str, np.ndarray], EpochReport] | None = None
     stale = 0
@@ -162,7 +162,7 @@ def _train(
             if not implicit and len(valid_rows):
                 v = torch.from_numpy(valid_rows)
                 rmse = math.sqrt(float(((model.rating(users[v], items[v]) - ratings[v]) ** 2).mean()))
-            recall = recall_at_10(model, data, train_rows, valid_rows, seen) if implicit else 0.0
+            recall = recall_at_10(model, data, valid_rows, seen) if implicit else 0.0
         epoch_report = EpochReport(epoch, config.epochs, total / max(count, 1), rmse, recall)
         report(epoch_report)
         if not len(valid_rows):
@@ -183,7 +183,7 @@ def _train(
         with torch.no_grad():
             for name, array in parameters.items():
                 getattr(restored, name).copy_(torch.from_numpy(array))
-        recall = recall_at_10(restored, data, train_rows, valid_rows, _seen_sets(data, train_rows))
+        recall = recall_at_10(restored, data, valid_rows, seen)
     else:
         recall = chosen.validation_recall_at_10
     parameters["mean"] = np.array(mean, dtype=np.float64)
@@ -220,15 +220,14 @@ def seen_lists(user_rows: np.ndarray, item_rows: np.ndarray, users: int) -> tupl
 def recall_at_10(
     model: _Factorisation,
     data: Dataset,
-    train_rows: np.ndarray,
     valid_rows: np.ndarray,
-    seen: tuple[np.ndarray, np.ndarray] | None,
+    seen: tuple[np.ndarray, np.ndarray],
 ) -> float:
     """Mean over validation users of |top 10 ∩ held-out| / min(10, |held-out|), items seen in training
     excluded from the top 10."""
     if not len(valid_rows):
         return 0.0
-    offsets, seen_items = seen if seen is not None else _seen_sets(data, train_rows)
+    offsets, seen_items = seen
     held_users = data.user_rows[valid_rows]
     users = np.unique(held_users)
     if len(users) > RECALL_USERS:
