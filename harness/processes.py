@@ -30,19 +30,31 @@ def new_log_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="embeddings-logs-"))
 
 
-def redis_answers(port: int) -> bool:
-    """A Redis server answers PING on 127.0.0.1:`port`."""
+def redis_answers(port: int, tls: bool = False) -> bool:
+    """A Redis server answers PING on 127.0.0.1:`port` (NOAUTH counts: it answered); with `tls`, that it
+    accepts connections there (the handshake is the client's business)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            if tls:
+                return True
             sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
 
-def health_status(address: str, timeout: float = 1.0) -> str:
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """A plaintext channel, or a TLS one with `credentials`."""
+    if credentials is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, credentials)
+
+
+def health_status(
+    address: str, timeout: float = 1.0, credentials: grpc.ChannelCredentials | None = None
+) -> str:
     """SERVING / NOT_SERVING / ... of the whole server, or UNREACHABLE."""
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, credentials) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
@@ -114,33 +126,63 @@ class Process:
             self.wait(10)
 
 
-class RedisServer(Process):
-    """A real redis-server on a free port, no persistence: the tests' and benchmarks' cache."""
+@dataclass(frozen=True)
+class RedisTls:
+    """PEM files for a Redis server that speaks TLS only; `auth_clients`: it requires client certificates."""
 
-    def __init__(self, port: int | None = None, log_dir: Path | None = None) -> None:
+    cert: Path
+    key: Path
+    ca: Path
+    auth_clients: bool = False
+
+    def args(self, port: int) -> list[str]:
+        return [
+            *("--port", "0", "--tls-port", str(port)),
+            *("--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key)),
+            *("--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "yes" if self.auth_clients else "no"),
+        ]
+
+
+class RedisServer(Process):
+    """A real redis-server on a free port, no persistence: the tests' and benchmarks' cache. Optionally
+    with a password (`requirepass`) or TLS."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        log_dir: Path | None = None,
+        password: str = "",
+        tls: RedisTls | None = None,
+    ) -> None:
         self.port = port or free_port()
+        self.tls = tls
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: run `make setup`")
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        argv = [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        argv += tls.args(self.port) if tls else ["--port", str(self.port)]
+        argv += ["--requirepass", password] if password else []
         super().__init__("redis", argv, log_dir=log_dir or new_log_dir())
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
         super().start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if redis_answers(self.port):
+            if redis_answers(self.port, tls=self.tls is not None):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"redis-server did not start on port {self.port}:\n{self.log_tail()}")
 
 
 class Service(Process):
-    """`python -m services.<module>` on a free gRPC port (metrics on another)."""
+    """`python -m services.<module>` on a free gRPC port (metrics on another). A service whose port speaks
+    TLS needs `credentials` (a client's) for the harness's health checks."""
+
+    credentials: grpc.ChannelCredentials | None = None
 
     def __init__(
         self,
@@ -177,7 +219,7 @@ class Service(Process):
         while time.monotonic() < deadline:
             if not self.running():
                 raise RuntimeError(f"{self.name} exited while starting:\n{self.log_tail()}")
-            if health_status(self.address) == "SERVING":
+            if health_status(self.address, credentials=self.credentials) == "SERVING":
                 return
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} was not SERVING within {timeout:.0f}s:\n{self.log_tail()}")

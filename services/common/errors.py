@@ -37,3 +37,7 @@ class Unimplemented(ServiceError):
 
 class NotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED

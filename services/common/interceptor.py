@@ -1,8 +1,10 @@
 """One server interceptor for every service: exceptions become status codes; calls are counted and timed.
 
 Handlers raise ServiceError subclasses (errors.py) with a message that says what to fix; anything else
-is a bug and answers INTERNAL without leaking a traceback to the caller. Health and reflection calls
-pass through untouched.
+is a bug and answers INTERNAL without leaking a traceback to the caller. A request that is not a valid
+protobuf message of the method's type (corrupt or truncated bytes, invalid UTF-8 in a string field) answers
+INVALID_ARGUMENT: gRPC itself would answer UNKNOWN with a Python exception name. Health and reflection
+calls pass through untouched.
 """
 
 import asyncio
@@ -13,11 +15,45 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from services.common import metrics
-from services.common.errors import ServiceError
+from services.common.errors import InvalidArgument, ServiceError
 
 log = logging.getLogger("rpc")
+
+
+class Undecodable:
+    """Stands in for a request message whose bytes did not parse, so the handler can answer for it."""
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = error
+
+    def refuse(self, method: str) -> InvalidArgument:
+        return InvalidArgument(
+            f"the {method} request is not a valid protobuf message of its type ({self.error}); "
+            "check the message type, that strings are valid UTF-8 and that the bytes are complete"
+        )
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as error:
+            return Undecodable(error)
+
+    return parse
+
+
+async def _checked(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, Undecodable):
+            raise request.refuse(method)
+        yield request
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
@@ -35,18 +71,22 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = full_method.rsplit("/", 1)[-1]
         codec = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method), **codec)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary, method), **codec)
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(handler.stream_unary, method, streamed=True), **codec
+            )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._streaming(handler.unary_stream, method), **codec
             )
-        return grpc.stream_stream_rpc_method_handler(self._streaming(handler.stream_stream, method), **codec)
+        return grpc.stream_stream_rpc_method_handler(
+            self._streaming(handler.stream_stream, method, streamed=True), **codec
+        )
 
     @contextlib.asynccontextmanager
     async def _observed(self, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
@@ -62,17 +102,21 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         finally:
             self._record(method, code, started)
 
-    def _unary(self, behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+    def _unary(
+        self, behaviour: Callable[..., Any], method: str, streamed: bool = False
+    ) -> Callable[..., Any]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._observed(context, method):
-                return await behaviour(request, context)
+                return await behaviour(_request(request, method, streamed), context)
 
         return handle
 
-    def _streaming(self, behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+    def _streaming(
+        self, behaviour: Callable[..., Any], method: str, streamed: bool = False
+    ) -> Callable[..., Any]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with self._observed(context, method):
-                async for response in behaviour(request, context):
+                async for response in behaviour(_request(request, method, streamed), context):
                     yield response
 
         return handle
@@ -101,3 +145,12 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
         metrics.REQUESTS.labels(self._service, method, code.name).inc()
         metrics.LATENCY.labels(self._service, method).observe(time.perf_counter() - started)
+
+
+def _request(request: Any, method: str, streamed: bool) -> Any:
+    """The request, or the stream of requests, that a handler may read: undecodable ones are refused."""
+    if streamed:
+        return _checked(request, method)
+    if isinstance(request, Undecodable):
+        raise request.refuse(method)
+    return request

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from services.common.interceptor import StatusInterceptor
 from services.common.metrics import start_metrics_server
 from services.common.settings import ServiceSettings
+from services.common.tls import TlsFileError, server_credentials
 
 log = logging.getLogger("server")
 
@@ -40,15 +41,23 @@ async def serve(
     register: Register,
     startup: Callable[[], Coroutine[Any, Any, None]],
     shutdown: Callable[[], Awaitable[None]] | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> None:
-    """Run one service until SIGTERM/SIGINT. `register` adds the servicers and returns their full names."""
+    """Run one service until SIGTERM/SIGINT. `register` adds the servicers and returns their full names;
+    `interceptors` run inside the one that turns errors into status codes (so their refusals are counted)."""
     configure_logging(settings.log_level)
+    try:
+        credentials = server_credentials(settings)
+    except TlsFileError as error:
+        log.error("%s cannot start: %s", name, error)
+        raise SystemExit(1) from error
     server = grpc.aio.server(
-        interceptors=[StatusInterceptor(name)],
+        interceptors=[StatusInterceptor(name), *interceptors],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
         ],
+        maximum_concurrent_rpcs=settings.max_concurrent_calls or None,
     )
     service_names = register(server)
     health_servicer = health.aio.HealthServicer()
@@ -59,11 +68,22 @@ async def serve(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    if credentials is None:
+        port = server.add_insecure_port(address)
+        transport = "plaintext"
+    else:
+        port = server.add_secure_port(address, credentials)
+        transport = "mutual TLS" if settings.tls_client_ca else "TLS"
     await server.start()
     start_metrics_server(settings.metrics_port)
     log.info(
-        "%s listening on %s:%d (metrics on %d); loading", name, settings.host, port, settings.metrics_port
+        "%s listening on %s:%d (%s; metrics on %d); loading",
+        name,
+        settings.host,
+        port,
+        transport,
+        settings.metrics_port,
     )
 
     stop = asyncio.Event()

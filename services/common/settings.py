@@ -1,6 +1,8 @@
 """Settings every service shares. Each service subclasses ServiceSettings with its own env prefix."""
 
-from pydantic import Field
+from typing import Self
+
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -19,6 +21,28 @@ class ServiceSettings(BaseSettings):
     max_message_bytes: int = Field(
         64 * 1024 * 1024, description="Largest gRPC message received or sent, in bytes."
     )
+    max_concurrent_calls: int = Field(
+        1000,
+        description="Most calls (streams included) handled at once; past it: RESOURCE_EXHAUSTED. 0: no limit.",
+    )
+    tls_cert: str = Field(
+        "", description="PEM certificate chain of this server; with the key, the port speaks TLS only."
+    )
+    tls_key: str = Field("", description="PEM private key of the TLS certificate.")
+    tls_client_ca: str = Field(
+        "",
+        description="PEM CA bundle; when set, callers must present a client certificate it signed "
+        "(mutual TLS). Needs the certificate and key.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> Self:
+        prefix = self.model_config.get("env_prefix", "")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError(f"{prefix}TLS_CERT and {prefix}TLS_KEY go together: set both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError(f"{prefix}TLS_CLIENT_CA (mutual TLS) needs {prefix}TLS_CERT and {prefix}TLS_KEY")
+        return self
 
 
 class ClipSettings(BaseSettings):

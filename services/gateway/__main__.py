@@ -1,12 +1,16 @@
 """Run the gateway: python -m services.gateway (settings: GATEWAY_* environment variables)."""
 
 import asyncio
+import sys
 
 import grpc
 from embeddings.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.common.server import serve
-from services.gateway.cache import VectorCache
+from services.common.tls import TlsFileError, read_pem
+from services.gateway.auth import BearerAuthInterceptor, TokenFileError, Tokens
+from services.gateway.cache import RedisAccess, VectorCache
+from services.gateway.channels import BackendChannels
 from services.gateway.encoding import CachingEncoder
 from services.gateway.recommending import Recommendations
 from services.gateway.routing import Router
@@ -19,26 +23,35 @@ def _addresses(listed: str) -> list[str]:
     return [address.strip() for address in listed.split(",") if address.strip()]
 
 
+def _redis_access(settings: GatewaySettings) -> RedisAccess:
+    """Redis credentials, with the TLS files checked now rather than at the first cache call."""
+    for setting in ("redis_tls_ca", "redis_tls_cert", "redis_tls_key"):
+        if path := getattr(settings, setting):
+            read_pem(path, f"GATEWAY_{setting.upper()}")
+    return RedisAccess(
+        settings.redis_password, settings.redis_tls_ca, settings.redis_tls_cert, settings.redis_tls_key
+    )
+
+
 def main() -> None:
     settings = GatewaySettings()
+    try:
+        channels = BackendChannels.from_settings(settings)
+        access = _redis_access(settings)
+        tokens = Tokens(settings.auth_tokens.split(","), settings.auth_tokens_file)
+    except (TlsFileError, TokenFileError) as error:
+        sys.exit(f"gateway cannot start: {error}")
+    interceptors = [BearerAuthInterceptor(tokens, settings.auth_health)] if tokens.enabled else []
 
     async def run() -> None:
         router = Router(
-            _addresses(settings.workers),
-            settings.model_refresh_s,
-            settings.max_message_bytes,
-            settings.worker_reconnect_max_s,
-            _addresses(settings.useritem),
+            _addresses(settings.workers), settings.model_refresh_s, channels, _addresses(settings.useritem)
         )
-        recommendations = Recommendations(
-            settings.useritem, router, settings.max_message_bytes, settings.worker_reconnect_max_s
-        )
+        recommendations = Recommendations(settings.useritem, router, channels)
         cache = VectorCache(
-            settings.redis_url, settings.cache_ttl_s, settings.redis_timeout_s, settings.redis_retry_s
+            settings.redis_url, settings.cache_ttl_s, settings.redis_timeout_s, settings.redis_retry_s, access
         )
-        shards = ShardSet(
-            _addresses(settings.index_shards), settings.max_message_bytes, settings.worker_reconnect_max_s
-        )
+        shards = ShardSet(_addresses(settings.index_shards), channels)
         service = GatewayService(router, CachingEncoder(router, cache), shards, recommendations, settings)
 
         def register(server: grpc.aio.Server) -> list[str]:
@@ -55,7 +68,7 @@ def main() -> None:
             await recommendations.close()
             await cache.close()
 
-        await serve("gateway", settings, register, startup, shutdown)
+        await serve("gateway", settings, register, startup, shutdown, interceptors)
 
     asyncio.run(run())
 

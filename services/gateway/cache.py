@@ -53,10 +53,35 @@ def cache_key(model_id: str, model_version: str, item: pb.Input) -> str:
     return f"emb:v1:{model_id}:{digest.hexdigest()}"
 
 
+@dataclass(frozen=True)
+class RedisAccess:
+    """Credentials for Redis beyond its URL: a password (AUTH) and, for rediss:// URLs, TLS files."""
+
+    password: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    def client_options(self) -> dict[str, str]:
+        """redis-py keyword arguments; a password in the URL takes precedence over `password`."""
+        options = {"password": self.password} if self.password else {}
+        if self.tls_ca:
+            options["ssl_ca_certs"] = self.tls_ca
+        if self.tls_cert:
+            options |= {"ssl_certfile": self.tls_cert, "ssl_keyfile": self.tls_key}
+        return options
+
+
 class VectorCache:
-    def __init__(self, url: str, ttl_s: int, timeout_s: float, retry_s: float) -> None:
+    def __init__(
+        self, url: str, ttl_s: int, timeout_s: float, retry_s: float, access: RedisAccess = RedisAccess()
+    ) -> None:
         self._client = (
-            redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s) if url else None
+            redis.from_url(
+                url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **access.client_options()
+            )
+            if url
+            else None
         )
         self._ttl_s = ttl_s
         self._retry_s = retry_s

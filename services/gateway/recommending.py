@@ -15,14 +15,15 @@ from google.protobuf.message import Message
 
 from services.common import metrics
 from services.common.errors import DeadlineExceeded, ServiceError, Unavailable, Unimplemented
-from services.gateway.routing import Router, backend_channel
+from services.gateway.channels import BackendChannels
+from services.gateway.routing import Router
 
 
 class Recommendations:
-    def __init__(self, address: str, router: Router, max_message_bytes: int, reconnect_max_s: float) -> None:
+    def __init__(self, address: str, router: Router, channels: BackendChannels) -> None:
         self._address = address
         self._router = router
-        self._channel = backend_channel(address, max_message_bytes, reconnect_max_s) if address else None
+        self._channel = channels.open(address) if address else None
         self._stub = rec_grpc.RecommenderStub(self._channel) if self._channel else None
 
     async def close(self) -> None:

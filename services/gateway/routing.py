@@ -20,34 +20,19 @@ from services.common import metrics
 from services.common.backend import ModelCard
 from services.common.errors import DeadlineExceeded, InvalidArgument, ServiceError, Unavailable
 from services.common.inputs import kind_name
+from services.gateway.channels import BackendChannels
 
 log = logging.getLogger("routing")
 
 _INPUT_INDEX = re.compile(r"inputs\[(\d+)\]")
 
 
-def backend_channel(address: str, max_message_bytes: int, reconnect_max_s: float) -> grpc.aio.Channel:
-    """A channel to a worker or shard that reconnects within `reconnect_max_s` after it restarts (not
-    after gRPC's default of up to 120 s)."""
-    return grpc.aio.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.initial_reconnect_backoff_ms", min(1000, int(reconnect_max_s * 1000))),
-            ("grpc.max_reconnect_backoff_ms", int(reconnect_max_s * 1000)),
-        ],
-    )
-
-
 class Worker:
-    def __init__(
-        self, address: str, max_message_bytes: int, reconnect_max_s: float, empty_is_ready: bool = False
-    ) -> None:
+    def __init__(self, address: str, channels: BackendChannels, empty_is_ready: bool = False) -> None:
         self.address = address
         # An encoder lists no models only while loading; a user-item worker lists none until its first Fit.
         self.empty_is_ready = empty_is_ready
-        self.channel = backend_channel(address, max_message_bytes, reconnect_max_s)
+        self.channel = channels.open(address)
         self.encoder = enc_grpc.EncoderStub(self.channel)
         self.cards: list[ModelCard] = []
         self.ready = False
@@ -58,14 +43,12 @@ class Router:
         self,
         addresses: Sequence[str],
         refresh_s: float,
-        max_message_bytes: int,
-        reconnect_max_s: float,
+        channels: BackendChannels,
         trained_on_demand: Sequence[str] = (),
     ) -> None:
         """`trained_on_demand`: workers (user-item) whose models appear as they are trained."""
-        self.workers = [Worker(address, max_message_bytes, reconnect_max_s) for address in addresses] + [
-            Worker(address, max_message_bytes, reconnect_max_s, empty_is_ready=True)
-            for address in trained_on_demand
+        self.workers = [Worker(address, channels) for address in addresses] + [
+            Worker(address, channels, empty_is_ready=True) for address in trained_on_demand
         ]
         self._refresh_s = refresh_s
         self._routes: dict[str, list[Worker]] = {}

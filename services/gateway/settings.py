@@ -1,6 +1,8 @@
 """Gateway settings, from GATEWAY_* environment variables."""
 
-from pydantic import Field
+from typing import Self
+
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -36,7 +38,15 @@ class GatewaySettings(ServiceSettings):
     default_useritem_model: str = Field(
         "mf", description="Model for user and item ids in Encode when none is named (USERITEM_DEFAULT_MODEL)."
     )
-    redis_url: str = Field("redis://localhost:6379/0", description="Vector cache; empty: no cache.")
+    redis_url: str = Field(
+        "redis://localhost:6379/0",
+        description="Vector cache; rediss:// for TLS; empty: no cache. A password may be in the URL "
+        "(redis://:pw@host:6379/0) or in GATEWAY_REDIS_PASSWORD.",
+    )
+    redis_password: str = Field("", description="Redis password (AUTH), used when the URL carries none.")
+    redis_tls_ca: str = Field("", description="PEM CA that signed Redis's certificate (rediss:// URLs).")
+    redis_tls_cert: str = Field("", description="PEM client certificate, when Redis requires one.")
+    redis_tls_key: str = Field("", description="PEM key of the Redis client certificate.")
     cache_ttl_s: int = Field(7 * 24 * 3600, description="Lifetime of a cached vector in seconds.")
     redis_timeout_s: float = Field(
         0.25, description="Timeout of one Redis call; past it the cache is bypassed."
@@ -61,5 +71,49 @@ class GatewaySettings(ServiceSettings):
         "that miss it as missing and returns the others' hits.",
     )
     max_k: int = Field(1000, description="Largest k of a Search.")
+    auth_tokens: str = Field(
+        "",
+        description="Comma-separated bearer tokens, any of which a caller may send as `authorization: Bearer "
+        "<token>`; with GATEWAY_AUTH_TOKENS_FILE, either works. Both empty: no authentication.",
+    )
+    auth_tokens_file: str = Field(
+        "",
+        description="File of bearer tokens, one per line (# comments); re-read when it changes, so tokens "
+        "rotate without a restart.",
+    )
+    auth_health: bool = Field(
+        False, description="Also require a token for the health and reflection services (open by default)."
+    )
+    worker_tls_ca: str = Field(
+        "",
+        description="PEM CA that signed the workers' and shards' certificates; set: the gateway calls them "
+        "over TLS (they set *_TLS_CERT/*_TLS_KEY). Empty: plaintext.",
+    )
+    worker_tls_cert: str = Field(
+        "", description="PEM client certificate the gateway presents to workers (mutual TLS)."
+    )
+    worker_tls_key: str = Field("", description="PEM key of the gateway's client certificate.")
+    worker_tls_server_name: str = Field(
+        "",
+        description="Name the workers' certificates are checked against, when it is not the host in their "
+        "addresses (e.g. addresses are IPs).",
+    )
     max_payload_bytes: int = Field(16_384, description="Largest JSON payload of one item, in bytes.")
     max_id_bytes: int = Field(512, description="Longest item id, in UTF-8 bytes.")
+
+    @model_validator(mode="after")
+    def _client_tls_complete(self) -> Self:
+        if bool(self.worker_tls_cert) != bool(self.worker_tls_key):
+            raise ValueError(
+                "GATEWAY_WORKER_TLS_CERT and GATEWAY_WORKER_TLS_KEY go together: set both or neither"
+            )
+        if self.worker_tls_cert and not self.worker_tls_ca:
+            raise ValueError("GATEWAY_WORKER_TLS_CERT (mutual TLS to workers) needs GATEWAY_WORKER_TLS_CA")
+        if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
+            raise ValueError(
+                "GATEWAY_REDIS_TLS_CERT and GATEWAY_REDIS_TLS_KEY go together: set both or neither"
+            )
+        redis_tls = self.redis_tls_ca or self.redis_tls_cert
+        if redis_tls and not self.redis_url.startswith("rediss://"):
+            raise ValueError("GATEWAY_REDIS_TLS_* need a rediss:// GATEWAY_REDIS_URL")
+        return self

@@ -20,7 +20,7 @@ from embeddings.v1 import types_pb2 as pb
 
 from services.common import metrics
 from services.common.errors import InvalidArgument, ServiceError, Unavailable
-from services.gateway.routing import backend_channel
+from services.gateway.channels import BackendChannels
 
 log = logging.getLogger("sharding")
 
@@ -52,9 +52,9 @@ class Merged:
 
 
 class Shard:
-    def __init__(self, address: str, max_message_bytes: int, reconnect_max_s: float) -> None:
+    def __init__(self, address: str, channels: BackendChannels) -> None:
         self.address = address
-        self.channel = backend_channel(address, max_message_bytes, reconnect_max_s)
+        self.channel = channels.open(address)
         self.index = idx_grpc.IndexStub(self.channel)
 
     def failed(self, method: str, error: grpc.aio.AioRpcError) -> None:
@@ -63,8 +63,8 @@ class Shard:
 
 
 class ShardSet:
-    def __init__(self, addresses: Sequence[str], max_message_bytes: int, reconnect_max_s: float) -> None:
-        self.shards = [Shard(address, max_message_bytes, reconnect_max_s) for address in addresses]
+    def __init__(self, addresses: Sequence[str], channels: BackendChannels) -> None:
+        self.shards = [Shard(address, channels) for address in addresses]
         self.dimensions: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
 
