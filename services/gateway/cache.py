@@ -94,11 +94,18 @@ class VectorCache:
     def _available(self) -> bool:
         return self._client is not None and time.monotonic() >= self._down_until
 
-    def _failed(self, op: str, error: Exception) -> None:
+    async def _failed(self, op: str, error: Exception) -> None:
+        """Count the failure, bypass Redis for `retry_s`, and drop the pooled connections: after a Redis
+        restart each of them would otherwise fail once more, each failure starting another bypass."""
+        assert self._client is not None
         metrics.CACHE_ERRORS.labels(op).inc()
         if time.monotonic() >= self._down_until:
             log.warning("redis %s failed (%r); bypassing the cache for %.1fs", op, error, self._retry_s)
         self._down_until = time.monotonic() + self._retry_s
+        try:
+            await self._client.connection_pool.disconnect()
+        except (RedisError, OSError) as disconnect_error:
+            log.debug("dropping redis connections failed: %r", disconnect_error)
 
     async def get_many(self, keys: list[str]) -> list[RawVector | None]:
         """One round trip for all keys; all None when Redis is down."""
@@ -108,7 +115,7 @@ class VectorCache:
         try:
             blobs = await self._client.mget(keys)
         except (RedisError, OSError) as error:
-            self._failed("get", error)
+            await self._failed("get", error)
             return [None] * len(keys)
         return [RawVector.from_bytes(blob) if isinstance(blob, bytes) else None for blob in blobs]
 
@@ -122,7 +129,7 @@ class VectorCache:
                     pipe.set(key, raw.to_bytes(), ex=self._ttl_s)
                 await pipe.execute()
         except (RedisError, OSError) as error:
-            self._failed("put", error)
+            await self._failed("put", error)
 
     async def close(self) -> None:
         if self._client is not None:

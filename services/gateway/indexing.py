@@ -6,6 +6,8 @@ vector upserts may also create a space of their own ("bring your own vectors"), 
 then fixed by its first vector.
 """
 
+import time
+
 import numpy as np
 from embeddings.v1 import gateway_pb2 as gw
 from embeddings.v1 import index_pb2 as idx
@@ -55,6 +57,7 @@ class Indexer:
         return values
 
     async def search(self, request: gw.SearchRequest, timeout: float) -> gw.SearchResponse:
+        deadline = time.monotonic() + timeout
         check_k(request.k, self._settings.max_k, "GATEWAY_MAX_K")
         check_kinds(request.filter.kinds, "filter.kinds")
         space, model = request.space, pb.ModelRef()
@@ -74,7 +77,7 @@ class Indexer:
             raise InvalidArgument("the query is empty: set `input` (to encode) or `vector`")
         merged = await self._shards.search(
             idx.IndexSearchRequest(space=space, query=to_wire(query), k=request.k, filter=request.filter),
-            min(timeout, self._settings.shard_timeout_s),
+            self._shard_budget(deadline),
         )
         return gw.SearchResponse(
             hits=merged.hits,
@@ -83,6 +86,13 @@ class Indexer:
             missing_shards=merged.missing,
             query_model=model,
         )
+
+    def _shard_budget(self, deadline: float) -> float:
+        """How long a search waits for the shards: GATEWAY_SHARD_TIMEOUT_S, or less when the caller's
+        deadline is sooner, keeping a reserve so that a shard that misses it is reported as missing in
+        a partial answer rather than taking the whole call past the caller's deadline."""
+        remaining = deadline - time.monotonic()
+        return max(0.0, min(self._settings.shard_timeout_s, remaining - max(0.02, 0.1 * remaining)))
 
     async def upsert(self, request: gw.UpsertRequest, timeout: float) -> gw.UpsertResponse:
         check_batch_size(request.items, self._settings.max_inputs_per_request, "items")

@@ -79,6 +79,13 @@ class Recommendations:
             await sender  # the caller's stream failed: its error, not a truncated Fit
         except grpc.aio.AioRpcError as error:
             raise self._translate(error) from None
+        except asyncio.CancelledError:
+            # The sender cancels the worker call when the caller's stream fails (an undecodable
+            # message, say); reading the cancelled call then raises this: answer with the sender's error.
+            failure = sender.exception() if sender.done() and not sender.cancelled() else None
+            if failure is None or _being_cancelled():
+                raise
+            raise failure from None
         finally:
             call.cancel()
             sender.cancel()
@@ -96,3 +103,10 @@ async def _send(requests: AsyncIterator[rec.FitRequest], call: grpc.aio.StreamSt
     except BaseException:
         call.cancel()
         raise
+
+
+def _being_cancelled() -> bool:
+    """The current task itself is being cancelled (its caller went away), as opposed to an awaited
+    call having been cancelled."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -112,3 +112,22 @@ async def test_a_handler_error_ends_the_stream_with_that_error_and_cancels_the_r
     await asyncio.sleep(0)  # let the cancellations be delivered
     assert completed == [0, 1]
     assert cancelled and set(cancelled) <= {3, 4, 5, 6, 7}
+
+
+async def test_an_answer_goes_out_while_the_caller_waits_before_sending_more() -> None:
+    """A caller that sends one request and waits for its answer before sending the next one."""
+    answered = asyncio.Event()
+
+    async def requests() -> AsyncIterator[int]:
+        yield 1
+        await asyncio.wait_for(answered.wait(), timeout=2)  # times out if the answer is held back
+        yield 2
+
+    async def handle(request: int) -> str:
+        return str(request)
+
+    responses = []
+    async for response in ordered_pipeline(requests(), handle, window=4):
+        responses.append(response)
+        answered.set()
+    assert responses == ["1", "2"]
