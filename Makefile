@@ -61,9 +61,9 @@ soak: protos ## Soak (not in CI): mixed encode/search/recommend load, 10 min at 
 	$(PY) bench/soak.py $(SOAK_ARGS)
 
 lint:
-	$(VENV)/bin/ruff check services harness tests bench
-	$(VENV)/bin/ruff format --check services harness tests bench
-	$(VENV)/bin/mypy services harness
+	$(VENV)/bin/ruff check services harness embeddings_client tests bench
+	$(VENV)/bin/ruff format --check services harness embeddings_client tests bench
+	$(VENV)/bin/mypy services harness embeddings_client
 
 clean:
 	rm -rf $(GEN) build *.egg-info

@@ -1,0 +1,225 @@
+"""What calls return: plain dataclasses with numpy arrays, parsed from the gateway's responses (one parser
+per response type, shared by the sync and the asyncio client)."""
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from embeddings.v1 import encoder_pb2 as enc
+from embeddings.v1 import gateway_pb2 as gw
+from embeddings.v1 import recommender_pb2 as rec
+from embeddings.v1 import types_pb2 as pb
+
+
+def kind_name(kind: int) -> str:
+    """`INPUT_KIND_IMAGE` -> "image"; "" for unspecified."""
+    return (
+        ""
+        if kind == pb.INPUT_KIND_UNSPECIFIED
+        else pb.InputKind.Name(kind).removeprefix("INPUT_KIND_").lower()
+    )
+
+
+def decode_vector(vector: pb.Vector) -> np.ndarray:
+    """A wire vector as float32 values (INT8 scaled back, BINARY as +1/-1 per dimension)."""
+    if vector.dtype == pb.DTYPE_FLOAT16:
+        return np.frombuffer(vector.data, dtype="<f2").astype(np.float32)
+    if vector.dtype == pb.DTYPE_INT8:
+        return np.frombuffer(vector.data, dtype=np.int8).astype(np.float32) * np.float32(vector.scale)
+    if vector.dtype == pb.DTYPE_BINARY:
+        bits = np.unpackbits(np.frombuffer(vector.data, dtype=np.uint8))[: vector.dim]
+        return bits.astype(np.float32) * 2.0 - 1.0
+    return np.frombuffer(vector.data, dtype="<f4").copy()
+
+
+@dataclass(frozen=True)
+class Model:
+    """The model (and its version: a hash of its weights) that produced a result, and its space."""
+
+    id: str
+    version: str
+    space: str
+
+    @classmethod
+    def parse(cls, ref: pb.ModelRef) -> "Model":
+        return cls(ref.id, ref.version, ref.space)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """One vector per input, in input order: `vectors` is (inputs, dimension) float32."""
+
+    vectors: np.ndarray
+    model: Model
+    truncated: tuple[bool, ...]
+    input_tokens: tuple[int, ...]
+    cached: tuple[bool, ...]
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    @classmethod
+    def parse(cls, response: enc.EncodeResponse) -> "Embeddings":
+        rows = [decode_vector(embedding.vector) for embedding in response.embeddings]
+        return cls(
+            vectors=np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32),
+            model=Model.parse(response.model),
+            truncated=tuple(e.truncated for e in response.embeddings),
+            input_tokens=tuple(e.input_tokens for e in response.embeddings),
+            cached=tuple(e.cached for e in response.embeddings),
+        )
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """Cosine similarities: `scores` is (queries, candidates) for a matrix, (pairs,) for pairwise."""
+
+    scores: np.ndarray
+    space: str
+    query_model: Model
+    candidate_model: Model
+
+    @classmethod
+    def parse(cls, response: gw.SimilarityResponse, pairwise: bool) -> "Similarity":
+        scores = np.asarray(response.scores, dtype=np.float32)
+        return cls(
+            scores=scores if pairwise else scores.reshape(response.rows, response.cols),
+            space=response.space,
+            query_model=Model.parse(response.query_model),
+            candidate_model=Model.parse(response.candidate_model),
+        )
+
+
+@dataclass(frozen=True)
+class Hit:
+    """An indexed item (or, for recommendations, an item id) and its score; `payload` is the JSON object
+    stored with it (None when there is none)."""
+
+    id: str
+    score: float
+    kind: str
+    payload: dict[str, Any] | None
+    shard: str
+
+    @classmethod
+    def parse(cls, hit: pb.Hit) -> "Hit":
+        return cls(
+            hit.id,
+            hit.score,
+            kind_name(hit.kind),
+            json.loads(hit.payload_json) if hit.payload_json else None,
+            hit.shard,
+        )
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The best hits first. `partial`: some shards did not answer (`missing_shards`)."""
+
+    hits: list[Hit]
+    space: str
+    partial: bool
+    missing_shards: tuple[str, ...]
+    query_model: Model
+
+    @classmethod
+    def parse(cls, response: gw.SearchResponse) -> "SearchResult":
+        return cls(
+            [Hit.parse(hit) for hit in response.hits],
+            response.space,
+            response.partial,
+            tuple(response.missing_shards),
+            Model.parse(response.query_model),
+        )
+
+
+@dataclass(frozen=True)
+class Recommendations:
+    """Item ids, best first; `Hit.score` is the predicted affinity."""
+
+    items: list[Hit]
+    model: Model
+
+    @classmethod
+    def parse(cls, response: rec.RecommendResponse) -> "Recommendations":
+        return cls([Hit.parse(hit) for hit in response.items], Model.parse(response.model))
+
+
+@dataclass(frozen=True)
+class UpsertAck:
+    """The gateway acknowledged (stored durably) the items `ids` of one request of a bulk upsert."""
+
+    request_id: str
+    upserted: int
+    ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Deleted:
+    deleted: int
+    not_found: int
+
+    @classmethod
+    def parse(cls, response: gw.DeleteResponse) -> "Deleted":
+        return cls(response.deleted, response.not_found)
+
+
+@dataclass(frozen=True)
+class FitProgress:
+    """One epoch of a Fit; the last one (`done`) names the new version and what it learnt from."""
+
+    epoch: int
+    epochs: int
+    train_loss: float
+    validation_rmse: float
+    done: bool
+    model: Model | None
+    interactions: int
+    users: int
+    items: int
+    validation_recall_at_10: float
+
+    @classmethod
+    def parse(cls, progress: rec.FitProgress) -> "FitProgress":
+        return cls(
+            epoch=progress.epoch,
+            epochs=progress.epochs,
+            train_loss=progress.train_loss,
+            validation_rmse=progress.validation_rmse,
+            done=progress.done,
+            model=Model.parse(progress.model) if progress.HasField("model") else None,
+            interactions=progress.interactions,
+            users=progress.users,
+            items=progress.items,
+            validation_recall_at_10=progress.validation_recall_at_10,
+        )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model behind the gateway."""
+
+    id: str
+    version: str
+    dimension: int
+    space: str
+    input_kinds: tuple[str, ...]
+    max_input_tokens: int
+    description: str
+
+    @classmethod
+    def parse(cls, info: pb.ModelInfo) -> "ModelInfo":
+        return cls(
+            info.id,
+            info.version,
+            info.dimension,
+            info.space,
+            tuple(kind_name(kind) for kind in info.input_kinds),
+            info.max_input_tokens,
+            info.description,
+        )
+
+
+def model_list(response: enc.ListModelsResponse) -> list[ModelInfo]:
+    return [ModelInfo.parse(info) for info in response.models]

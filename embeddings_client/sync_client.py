@@ -1,0 +1,198 @@
+"""The blocking client."""
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Unpack
+
+import grpc
+import numpy as np
+
+from embeddings_client import calls
+from embeddings_client.calls import Out, Streaming, Unary
+from embeddings_client.connection import DEFAULT_ADDRESS, Connection, ConnectionOptions
+from embeddings_client.errors import from_rpc_error
+from embeddings_client.messages import ImageSource, Interaction, Item, Query
+from embeddings_client.results import (
+    Deleted,
+    Embeddings,
+    FitProgress,
+    ModelInfo,
+    Recommendations,
+    SearchResult,
+    Similarity,
+    UpsertAck,
+)
+from embeddings_client.retry import call_with_retry
+
+
+class Client:
+    """Calls the gateway at `address` and blocks for the answers; thread-safe (one channel).
+
+    Failed calls raise `EmbeddingsError` subclasses (`InvalidArgument`, `NotFound`, ...). Each unary call
+    has a deadline (`timeout_s`, default the connection's) that covers its retries on UNAVAILABLE; the
+    streaming calls (`upsert_stream`, `fit`) have `stream_timeout_s` and are never retried.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, **options: Unpack[ConnectionOptions]) -> None:
+        self.connection = Connection(address, **options)
+        self._channel = self.connection.channel()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _unary(self, call: Unary[Out], timeout_s: float | None) -> Out:
+        method = self._channel.unary_unary(
+            call.method,
+            request_serializer=calls.serialize,
+            response_deserializer=call.response_type.FromString,
+        )
+
+        def invoke(remaining_s: float) -> Any:
+            return method(call.request, timeout=remaining_s, metadata=self.connection.metadata())
+
+        response = call_with_retry(invoke, self.connection.retry, timeout_s or self.connection.timeout_s)
+        return call.parse(response)
+
+    def _stream(self, call: Streaming[Out], timeout_s: float | None) -> Iterator[Out]:
+        method = self._channel.stream_stream(
+            call.method,
+            request_serializer=calls.serialize,
+            response_deserializer=call.response_type.FromString,
+        )
+        responses = method(
+            iter(call.requests),
+            timeout=timeout_s or self.connection.stream_timeout_s,
+            metadata=self.connection.metadata(),
+        )
+        return _parsed(responses, call.parse)
+
+    def encode_text(
+        self,
+        texts: str | Sequence[str],
+        *,
+        model: str = "",
+        dimensions: int = 0,
+        normalize: bool = True,
+        dtype: str = "float32",
+        strict: bool = False,
+        timeout_s: float | None = None,
+    ) -> Embeddings:
+        """Vectors of one text or several (model "": the gateway's default text model)."""
+        return self._unary(calls.encode_text(texts, model, dimensions, normalize, dtype, strict), timeout_s)
+
+    def encode_image(
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        *,
+        model: str = "",
+        dimensions: int = 0,
+        normalize: bool = True,
+        dtype: str = "float32",
+        timeout_s: float | None = None,
+    ) -> Embeddings:
+        """Vectors of one image or several: file bytes, paths or PIL images."""
+        return self._unary(calls.encode_image(images, model, dimensions, normalize, dtype), timeout_s)
+
+    def similarity(
+        self,
+        queries: Sequence[Query],
+        candidates: Sequence[Query],
+        *,
+        pairwise: bool = False,
+        query_model: str = "",
+        candidate_model: str = "",
+        space: str = "",
+        timeout_s: float | None = None,
+    ) -> Similarity:
+        """Cosine similarities of queries and candidates (str: a text; bytes, Path, PIL image: an image)."""
+        call = calls.similarity(queries, candidates, pairwise, query_model, candidate_model, space)
+        return self._unary(call, timeout_s)
+
+    def search(
+        self,
+        query: Query | np.ndarray,
+        *,
+        k: int = 10,
+        space: str = "",
+        model: str = "",
+        kinds: Sequence[str] = (),
+        where: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> SearchResult:
+        """The k nearest indexed items to a text, an image or a vector (which needs `space`); `kinds` keeps
+        items of those kinds ("text", "image"), `where` items whose payload has those string values."""
+        return self._unary(calls.search(query, space, model, k, kinds, where), timeout_s)
+
+    def upsert(
+        self, items: Iterable[Item], *, space: str = "", model: str = "", timeout_s: float | None = None
+    ) -> int:
+        """Index (or replace, by id) up to 256 items; the number upserted."""
+        return self._unary(calls.upsert(items, space, model), timeout_s)
+
+    def upsert_stream(
+        self,
+        batches: Iterable[Sequence[Item]],
+        *,
+        space: str = "",
+        model: str = "",
+        timeout_s: float | None = None,
+    ) -> Iterator[UpsertAck]:
+        """Bulk indexing: one request per batch, one acknowledgement (with the batch's ids) per request,
+        in order, once the items are durable. Not retried: resend the unacknowledged batches instead
+        (upserts replace by id, so resending is safe)."""
+        return self._stream(calls.upsert_stream(batches, space, model), timeout_s)
+
+    def delete(self, ids: Iterable[str], *, space: str, timeout_s: float | None = None) -> Deleted:
+        """Remove items from `space` by id; unknown ids are counted, not an error."""
+        return self._unary(calls.delete(ids, space), timeout_s)
+
+    def recommend(
+        self,
+        user_id: str,
+        *,
+        k: int = 10,
+        model: str = "",
+        include_seen: bool = False,
+        timeout_s: float | None = None,
+    ) -> Recommendations:
+        return self._unary(calls.recommend(user_id, k, model, include_seen), timeout_s)
+
+    def fit(
+        self,
+        interactions: Iterable[Interaction],
+        *,
+        model: str = "",
+        implicit: bool = False,
+        rating_range: tuple[float, float] | None = None,
+        chunk_size: int = 5000,
+        timeout_s: float | None = None,
+    ) -> Iterator[FitProgress]:
+        """Train a new version of a user-item model; progress per epoch, the last one `done`. Never
+        retried (a Fit is not idempotent)."""
+        return self._stream(calls.fit(interactions, model, implicit, rating_range, chunk_size), timeout_s)
+
+    def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
+        return self._unary(calls.list_models(), timeout_s)
+
+    def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
+        """The grpc.health.v1 status: "SERVING" once the gateway can serve."""
+        return self._unary(calls.health(service), timeout_s)
+
+
+def _parsed(responses: Any, parse: Callable[[Any], Out]) -> Iterator[Out]:
+    """Parsed responses of a streaming call; its gRPC error typed; the call cancelled if left early."""
+    try:
+        for response in responses:
+            yield parse(response)
+    except grpc.RpcError as error:
+        raise from_rpc_error(error) from None
+    finally:
+        responses.cancel()

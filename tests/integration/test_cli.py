@@ -1,0 +1,273 @@
+"""The `embeddings` command (the console script that `pip install -e .` puts in the venv), run as a real
+subprocess against the real system: every command, `--json` for scripts, exit codes (0, 1 with the
+status code and message on stderr, 2 for usage errors, 130 for Ctrl-C), TLS and tokens, and `index`:
+a folder of photos then a text search that finds the cat, text and CSV files, and a run killed midway
+that resumes without sending the acknowledged items again and leaves each id indexed once."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.processes import free_port
+from tests.system import PHOTOS, TOKEN, SecureGateway, System, ratings, write_crops, write_photos
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = Path(sys.executable).with_name("embeddings")
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "embeddings_client.cli"]
+ENV = {**os.environ, "EMBEDDINGS_ADDRESS": "", "EMBEDDINGS_TOKEN": "", "COLUMNS": "160"}
+
+
+def embeddings(
+    *args: str | Path, address: str = "", timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run the command; `address` through EMBEDDINGS_ADDRESS (as a shell user would set it)."""
+    env = {**ENV, "EMBEDDINGS_ADDRESS": address} if address else ENV
+    return subprocess.run(
+        [*COMMAND, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout, check=False
+    )
+
+
+def ok_json(result: subprocess.CompletedProcess[str]) -> Any:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def address(system: System) -> str:
+    return system.gateway.address
+
+
+def test_health_and_models(address: str) -> None:
+    healthy = embeddings("health", address=address)
+    models = ok_json(embeddings("--json", "models", address=address))
+    table = embeddings("models", address=address)
+    assert (healthy.returncode, healthy.stdout.strip()) == (0, "SERVING")
+    assert {"all-MiniLM-L6-v2", "imagenet-label-space", "efficientnet-lite0"} <= {m["id"] for m in models}
+    assert table.returncode == 0 and "all-MiniLM-L6-v2" in table.stdout and "minilm" in table.stdout
+
+
+def test_a_gateway_that_is_not_there_exits_1_with_the_status(address: str) -> None:
+    down = embeddings("--address", f"127.0.0.1:{free_port()}", "--timeout", "3", "health")
+    assert down.returncode == 1 and down.stderr.startswith("error: UNAVAILABLE: "), down.stderr
+    assert down.stdout == ""
+
+
+def test_encode_texts_and_images_as_json(address: str, tmp_path: Path) -> None:
+    write_photos(tmp_path, ("chelsea", "coffee"))
+    texts = ok_json(embeddings("encode", "cli: a cat", "cli: a dog", "--json", address=address))
+    photos = ok_json(
+        embeddings(
+            "--json", "encode", f"@{tmp_path / 'chelsea.jpg'}", f"@{tmp_path / 'coffee.jpg'}", address=address
+        )
+    )
+    short = ok_json(embeddings("--json", "encode", "cli: short", "--dimensions", "8", address=address))
+    table = embeddings("encode", "cli: a cat", address=address)
+    assert texts["model"]["id"] == "all-MiniLM-L6-v2" and texts["model"]["version"]
+    assert [len(row) for row in texts["vectors"]] == [384, 384]
+    assert (
+        photos["model"]["id"] == "efficientnet-lite0"
+        and [len(row) for row in photos["vectors"]] == [1280] * 2
+    )
+    assert len(short["vectors"][0]) == 8
+    assert table.returncode == 0 and "all-MiniLM-L6-v2" in table.stdout and "1 x 384" in table.stdout
+
+
+def test_similarity_of_a_text_and_photos(address: str, tmp_path: Path) -> None:
+    write_photos(tmp_path, ("chelsea", "coffee"))
+    cat, coffee = f"@{tmp_path / 'chelsea.jpg'}", f"@{tmp_path / 'coffee.jpg'}"
+    result = ok_json(embeddings("--json", "similarity", "a photo of a cat", cat, coffee, address=address))
+    assert result["space"] == "minilm" and result["candidate_model"]["id"] == "imagenet-label-space"
+    assert result["scores"][cat] > result["scores"][coffee]
+
+
+def test_index_the_sample_photos_then_a_text_search_finds_the_cat(
+    address: str, system: System, tmp_path: Path
+) -> None:
+    names = write_photos(tmp_path / "photos")
+    indexed = ok_json(
+        embeddings(
+            "--json",
+            "index",
+            tmp_path / "photos",
+            "--model",
+            "imagenet-label-space",
+            "--batch",
+            "3",
+            address=address,
+        )
+    )
+    search = ["search", "a photo of a cat", "--space", "minilm", "--kind", "image", "-k", "3"]
+    found = ok_json(embeddings("--json", *search, address=address))
+    table = embeddings(*search, address=address)
+    again = ok_json(
+        embeddings("--json", "index", tmp_path / "photos", "--model", "imagenet-label-space", address=address)
+    )
+    assert indexed == {
+        "indexed": len(PHOTOS),
+        "skipped": 0,
+        "total": len(PHOTOS),
+        "journal": str(tmp_path / "photos.embeddings-index.jsonl"),
+    }
+    assert found["hits"][0]["id"] == "chelsea.jpg" and found["hits"][0]["payload"] == {"path": "chelsea.jpg"}
+    assert found["space"] == "minilm" and {hit["id"] for hit in found["hits"]} <= set(names)
+    assert table.returncode == 0 and table.stdout.index("chelsea.jpg") < table.stdout.index(
+        found["hits"][1]["id"]
+    )
+    assert (again["indexed"], again["skipped"]) == (0, len(PHOTOS))
+
+
+def test_index_a_text_file_and_a_csv(address: str, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the rocket lifted off the pad\n\nan espresso, short and strong\n")
+    table = tmp_path / "facts.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerows(
+            [
+                ["id", "text", "topic"],
+                ["f-cat", "cats sleep most of the day", "pets"],
+                ["f-tea", "green tea", "drinks"],
+            ]
+        )
+    from_notes = ok_json(embeddings("--json", "index", notes, address=address))
+    from_csv = ok_json(embeddings("--json", "index", table, "--batch", "1", address=address))
+    coffee = ok_json(
+        embeddings(
+            "--json", "search", "a cup of coffee", "--where", "file=notes.txt", "-k", "1", address=address
+        )
+    )
+    pets = ok_json(embeddings("--json", "search", "a kitten", "--where", "topic=pets", address=address))
+    assert (from_notes["indexed"], from_csv["indexed"]) == (2, 2)
+    assert coffee["hits"][0]["id"] == "notes.txt:3"
+    assert coffee["hits"][0]["payload"] == {"file": "notes.txt", "line": "3"}
+    assert [hit["id"] for hit in pets["hits"]] == ["f-cat"] and pets["hits"][0]["payload"]["topic"] == "pets"
+
+
+def test_an_index_killed_midway_resumes_without_duplicates(
+    address: str, system: System, tmp_path: Path
+) -> None:
+    folder, journal = tmp_path / "crops", tmp_path / "crops.journal"
+    names = write_crops(folder, 64)
+    argv = [*COMMAND, "--json", "index", str(folder), "--batch", "1", "--journal", str(journal)]
+    process = subprocess.Popen(
+        argv, env={**ENV, "EMBEDDINGS_ADDRESS": address}, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.005)
+    assert process.poll() is None, "index finished before it could be interrupted"
+    process.send_signal(signal.SIGKILL)
+    process.wait(10)
+    acknowledged = [json.loads(line)["id"] for line in journal.read_text().splitlines()]
+    assert 3 <= len(acknowledged) < len(names)
+
+    resumed = ok_json(
+        embeddings("--json", "index", folder, "--batch", "8", "--journal", journal, address=address)
+    )
+    journaled = [json.loads(line)["id"] for line in journal.read_text().splitlines()]
+    assert resumed["skipped"] == len(acknowledged) and resumed["indexed"] == len(names) - len(acknowledged)
+    assert sorted(journaled) == names  # each id acknowledged exactly once over both runs
+    assert system.indexed("efficientnet-lite0") == len(names)
+    found = ok_json(embeddings("--json", "search", f"@{folder / names[0]}", "-k", "100", address=address))
+    assert sorted(hit["id"] for hit in found["hits"]) == names
+    assert found["hits"][0]["id"] == names[0]
+
+
+def test_ctrl_c_stops_an_index_with_exit_code_130(address: str, tmp_path: Path) -> None:
+    folder, journal = tmp_path / "crops", tmp_path / "crops.journal"
+    write_crops(folder, 48, seed=1)
+    argv = [*COMMAND, "index", str(folder), "--batch", "1", "--journal", str(journal)]
+    process = subprocess.Popen(
+        argv,
+        env={**ENV, "EMBEDDINGS_ADDRESS": address},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (journal.exists() and journal.read_text()):
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr
+
+
+def test_fit_then_recommend(address: str, tmp_path: Path) -> None:
+    file = tmp_path / "ratings.csv"
+    with file.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["user_id", "item_id", "rating"])
+        writer.writerows(ratings())
+    fitted = ok_json(embeddings("--json", "fit", file, "--model", "cli-mf", address=address))
+    shown = embeddings("fit", file, "--model", "cli-mf-2", address=address)
+    recommended = ok_json(
+        embeddings("--json", "recommend", "u0", "-k", "3", "--model", "cli-mf", address=address)
+    )
+    table = embeddings("recommend", "u3", "--model", "cli-mf", address=address)
+    unknown = embeddings("recommend", "nobody", "--model", "cli-mf", address=address)
+    assert fitted["done"] and fitted["model"]["id"] == "cli-mf" and fitted["interactions"] == 72
+    assert fitted["progress"][-1] == {key: value for key, value in fitted.items() if key != "progress"}
+    assert shown.returncode == 0 and "epoch 1/" in shown.stdout and "cli-mf-2 (version" in shown.stdout
+    assert len(recommended["items"]) == 3 and recommended["model"]["version"] == fitted["model"]["version"]
+    assert table.returncode == 0 and "cli-mf" in table.stdout
+    assert (
+        unknown.returncode == 1
+        and unknown.stderr.startswith("error: NOT_FOUND: ")
+        and "nobody" in unknown.stderr
+    )
+
+
+def test_usage_errors_exit_2(address: str, tmp_path: Path) -> None:
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("name,words\na,b\n")
+    cases = [
+        ("nonsense",),
+        ("search",),
+        ("index", tmp_path / "missing"),
+        ("index", bad_csv),
+        ("fit", bad_csv),
+        ("search", "x", "--where", "novalue"),
+        ("encode", "text", f"@{tmp_path / 'missing.jpg'}"),
+        ("--cert", tmp_path / "client.crt", "models"),
+    ]
+    for case in cases:
+        result = embeddings(*case, address=address)
+        assert result.returncode == 2, (case, result.stdout, result.stderr)
+        assert result.stderr.strip(), case
+
+
+def test_tls_client_certificate_and_token(locked_gateway: SecureGateway) -> None:
+    address = locked_gateway.service.address
+    tls = [
+        "--ca",
+        locked_gateway.ca.cert_path,
+        "--cert",
+        locked_gateway.client.cert,
+        "--key",
+        locked_gateway.client.key,
+    ]
+    allowed = ok_json(embeddings("--json", *tls, "--token", TOKEN, "models", address=address))
+    from_env = subprocess.run(
+        [*COMMAND, *map(str, tls), "encode", "hi"],
+        capture_output=True,
+        text=True,
+        env={**ENV, "EMBEDDINGS_ADDRESS": address, "EMBEDDINGS_TOKEN": TOKEN},
+        timeout=60,
+        check=False,
+    )
+    refused = embeddings(*tls, "models", address=address)
+    assert "all-MiniLM-L6-v2" in {model["id"] for model in allowed}
+    assert from_env.returncode == 0, from_env.stderr
+    assert refused.returncode == 1 and refused.stderr.startswith("error: UNAUTHENTICATED: ")
