@@ -6,6 +6,12 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def check_pair(first: str, second: str, first_name: str, second_name: str) -> None:
+    """Two settings that only mean something together (a certificate and its key): both set or neither."""
+    if bool(first) != bool(second):
+        raise ValueError(f"{first_name} and {second_name} go together: set both or neither")
+
+
 class ServiceSettings(BaseSettings):
     """Network, shutdown and logging settings of one gRPC process."""
 
@@ -38,8 +44,7 @@ class ServiceSettings(BaseSettings):
     @model_validator(mode="after")
     def _tls_complete(self) -> Self:
         prefix = self.model_config.get("env_prefix", "")
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError(f"{prefix}TLS_CERT and {prefix}TLS_KEY go together: set both or neither")
+        check_pair(self.tls_cert, self.tls_key, f"{prefix}TLS_CERT", f"{prefix}TLS_KEY")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError(f"{prefix}TLS_CLIENT_CA (mutual TLS) needs {prefix}TLS_CERT and {prefix}TLS_KEY")
         return self

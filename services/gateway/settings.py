@@ -5,7 +5,7 @@ from typing import Self
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ServiceSettings
+from services.common.settings import ServiceSettings, check_pair
 
 
 class GatewaySettings(ServiceSettings):
@@ -103,16 +103,12 @@ class GatewaySettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _client_tls_complete(self) -> Self:
-        if bool(self.worker_tls_cert) != bool(self.worker_tls_key):
-            raise ValueError(
-                "GATEWAY_WORKER_TLS_CERT and GATEWAY_WORKER_TLS_KEY go together: set both or neither"
-            )
+        check_pair(
+            self.worker_tls_cert, self.worker_tls_key, "GATEWAY_WORKER_TLS_CERT", "GATEWAY_WORKER_TLS_KEY"
+        )
         if self.worker_tls_cert and not self.worker_tls_ca:
             raise ValueError("GATEWAY_WORKER_TLS_CERT (mutual TLS to workers) needs GATEWAY_WORKER_TLS_CA")
-        if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
-            raise ValueError(
-                "GATEWAY_REDIS_TLS_CERT and GATEWAY_REDIS_TLS_KEY go together: set both or neither"
-            )
+        check_pair(self.redis_tls_cert, self.redis_tls_key, "GATEWAY_REDIS_TLS_CERT", "GATEWAY_REDIS_TLS_KEY")
         redis_tls = self.redis_tls_ca or self.redis_tls_cert
         if redis_tls and not self.redis_url.startswith("rediss://"):
             raise ValueError("GATEWAY_REDIS_TLS_* need a rediss:// GATEWAY_REDIS_URL")

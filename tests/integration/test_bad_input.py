@@ -35,7 +35,7 @@ from PIL import Image
 
 from harness.processes import RedisServer, Service, gateway, index_shard, useritem_worker
 from services.common.vectors import to_wire
-from tests import image_files
+from tests import image_files, system
 from tests.clip_checkpoint import TinyClip
 
 pytestmark = pytest.mark.integration
@@ -59,20 +59,9 @@ OWN_SPACE, OWN_DIM = "own8", 8  # a bring-your-own-vectors space upserted throug
 # FAILED_PRECONDITION ("call Fit first").
 MODEL, UNTRAINED = "mf", "untrained"
 USERS, ITEMS, PER_USER = 12, 10, 6
-USERITEM_ENV = {
-    "USERITEM_DEFAULT_MODEL": UNTRAINED,
-    "USERITEM_FACTORS": "4",
-    "USERITEM_EPOCHS": "5",
-    "USERITEM_BATCH_SIZE": "64",
-    "USERITEM_TORCH_THREADS": "1",
-    "USERITEM_SHUTDOWN_GRACE_S": "2",
-}
-SHARD_ENV = {"INDEX_SHUTDOWN_GRACE_S": "2"}
-GATEWAY_ENV = {
-    "GATEWAY_MODEL_REFRESH_S": "1",
-    "GATEWAY_MAX_MESSAGE_BYTES": str(GATEWAY_MAX_MESSAGE_BYTES),
-    "GATEWAY_SHUTDOWN_GRACE_S": "2",
-}
+USERITEM_ENV = {**system.USERITEM_ENV, "USERITEM_DEFAULT_MODEL": UNTRAINED}
+SHARD_ENV = system.SHARD_ENV
+GATEWAY_ENV = {**system.GATEWAY_ENV, "GATEWAY_MAX_MESSAGE_BYTES": str(GATEWAY_MAX_MESSAGE_BYTES)}
 CAPTIONS = {"cap-cat": "a cat on a mat", "cap-coffee": "a cup of coffee", "cap-rocket": "a rocket launch"}
 
 
