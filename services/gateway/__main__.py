@@ -5,12 +5,14 @@ import sys
 
 import grpc
 from embeddings.v1 import gateway_pb2, gateway_pb2_grpc
+from pydantic import ValidationError
 
 from services.common.server import serve
 from services.common.tls import TlsFileError, read_pem
 from services.gateway.auth import BearerAuthInterceptor, TokenFileError, Tokens
 from services.gateway.cache import RedisAccess, VectorCache
 from services.gateway.channels import BackendChannels
+from services.gateway.discovery import SrvDiscovery
 from services.gateway.encoding import CachingEncoder
 from services.gateway.recommending import Recommendations
 from services.gateway.routing import Router
@@ -34,7 +36,10 @@ def _redis_access(settings: GatewaySettings) -> RedisAccess:
 
 
 def main() -> None:
-    settings = GatewaySettings()
+    try:
+        settings = GatewaySettings()
+    except ValidationError as error:
+        sys.exit(f"gateway cannot start: {error}")
     try:
         channels = BackendChannels.from_settings(settings)
         access = _redis_access(settings)
@@ -49,9 +54,20 @@ def main() -> None:
         )
         recommendations = Recommendations(settings.useritem, router, channels)
         cache = VectorCache(
-            settings.redis_url, settings.cache_ttl_s, settings.redis_timeout_s, settings.redis_retry_s, access
+            settings.redis_url,
+            settings.cache_ttl_s,
+            settings.redis_timeout_s,
+            settings.redis_retry_s,
+            access,
+            cluster=settings.redis_cluster,
         )
-        shards = ShardSet(_addresses(settings.index_shards), channels)
+        if settings.index_shards_srv:  # shard addresses from a Kubernetes headless Service's SRV records
+            discovery = SrvDiscovery(
+                settings.index_shards_srv, settings.index_shard_count, settings.dns_nameserver
+            )
+            shards = ShardSet([], channels, discovery)
+        else:
+            shards = ShardSet(_addresses(settings.index_shards), channels)
         service = GatewayService(router, CachingEncoder(router, cache), shards, recommendations, settings)
 
         def register(server: grpc.aio.Server) -> list[str]:
@@ -60,7 +76,7 @@ def main() -> None:
 
         async def startup() -> None:
             await router.start()
-            await shards.start(settings.model_refresh_s)
+            await shards.start(settings.model_refresh_s, settings.shard_discovery_s)
 
         async def shutdown() -> None:
             await router.close()

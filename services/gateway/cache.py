@@ -3,8 +3,13 @@
 A cache, not a store: every Redis failure is logged and counted, and the call goes on without it.
 After a failure Redis is left alone for `retry_s` (so a dead Redis costs no latency), then tried
 again; redis-py opens fresh connections, so the cache comes back by itself when Redis does.
+
+Redis is one server, or a Redis Cluster (`cluster`): then the URL names any one node, redis-py finds the
+others and follows MOVED/ASK, and a batch of keys, which hash to many slots, goes out as one pipeline per
+node, the nodes in parallel. A node that fails fails the whole batch, as one Redis would.
 """
 
+import asyncio
 import hashlib
 import logging
 import struct
@@ -14,7 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import redis.asyncio as redis
 from embeddings.v1 import types_pb2 as pb
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, RedisError
 
 from services.common import metrics
 
@@ -22,6 +30,8 @@ log = logging.getLogger("cache")
 
 _HEADER = struct.Struct("<BI")  # flags (bit 0: truncated), tokens
 _TRUNCATED = 1
+# RedisClusterException (no node reachable, a node not in cluster mode, slots not covered) is no RedisError.
+_FAILURES = (RedisError, RedisClusterException, OSError)
 
 
 @dataclass
@@ -72,17 +82,34 @@ class RedisAccess:
         return options
 
 
+def _connect(
+    url: str, timeout_s: float, access: RedisAccess, cluster: bool
+) -> redis.Redis | RedisCluster | None:
+    """The client for `url` (it connects at its first call); None, logged, when no cluster client can be
+    made from it."""
+    options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, **access.client_options()}
+    if not cluster:
+        return redis.from_url(url, **options)
+    try:
+        # None of the cluster client's own retries (10 by default, each re-reading the slot map, some after
+        # a 0.25 s sleep: seconds for a dead node): as with one Redis, the first failure is the cache's.
+        return RedisCluster.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+    except RedisClusterException as error:  # a database other than 0, a unix socket
+        log.error("the Redis URL cannot name a Redis Cluster node (%s): running without the cache", error)
+        return None
+
+
 class VectorCache:
     def __init__(
-        self, url: str, ttl_s: int, timeout_s: float, retry_s: float, access: RedisAccess = RedisAccess()
+        self,
+        url: str,
+        ttl_s: int,
+        timeout_s: float,
+        retry_s: float,
+        access: RedisAccess = RedisAccess(),
+        cluster: bool = False,
     ) -> None:
-        self._client = (
-            redis.from_url(
-                url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **access.client_options()
-            )
-            if url
-            else None
-        )
+        self._client = _connect(url, timeout_s, access, cluster) if url else None
         self._ttl_s = ttl_s
         self._retry_s = retry_s
         self._down_until = 0.0
@@ -100,21 +127,42 @@ class VectorCache:
         assert self._client is not None
         metrics.CACHE_ERRORS.labels(op).inc()
         if time.monotonic() >= self._down_until:
-            log.warning("redis %s failed (%r); bypassing the cache for %.1fs", op, error, self._retry_s)
+            # the message by hand: redis-py's exceptions' repr is their class alone
+            log.warning(
+                "redis %s failed (%s: %s); bypassing the cache for %.1fs",
+                op,
+                type(error).__name__,
+                error,
+                self._retry_s,
+            )
         self._down_until = time.monotonic() + self._retry_s
         try:
-            await self._client.connection_pool.disconnect()
-        except (RedisError, OSError) as disconnect_error:
+            if isinstance(self._client, RedisCluster):
+                await self._reset_cluster(self._client)
+            else:
+                await self._client.connection_pool.disconnect()
+        except _FAILURES as disconnect_error:
             log.debug("dropping redis connections failed: %r", disconnect_error)
 
+    @staticmethod
+    async def _reset_cluster(client: RedisCluster) -> None:
+        """Drop every node's connections and read the slot map again from a node that answers (a replica
+        may have taken a dead node's slots). Not `aclose()`: the client's next call would then set itself
+        up again through the first node it knows, and fail for as long as that one node is down."""
+        await asyncio.gather(*(node.disconnect() for node in client.get_nodes()))
+        await client.nodes_manager.initialize()
+
     async def get_many(self, keys: list[str]) -> list[RawVector | None]:
-        """One round trip for all keys; all None when Redis is down."""
+        """One round trip for all keys (to each node of a cluster at once); all None when Redis is down."""
         if not keys or not self._available():
             return [None] * len(keys)
         assert self._client is not None
         try:
-            blobs = await self._client.mget(keys)
-        except (RedisError, OSError) as error:
+            if isinstance(self._client, RedisCluster):
+                blobs = await self._client.mget_nonatomic(keys)  # one MGET cannot span slots
+            else:
+                blobs = await self._client.mget(keys)
+        except _FAILURES as error:
             await self._failed("get", error)
             return [None] * len(keys)
         return [RawVector.from_bytes(blob) if isinstance(blob, bytes) else None for blob in blobs]
@@ -128,7 +176,7 @@ class VectorCache:
                 for key, raw in entries.items():
                     pipe.set(key, raw.to_bytes(), ex=self._ttl_s)
                 await pipe.execute()
-        except (RedisError, OSError) as error:
+        except _FAILURES as error:
             await self._failed("put", error)
 
     async def close(self) -> None:

@@ -6,6 +6,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings, check_pair
+from services.gateway.discovery import parse_nameserver
 
 
 class GatewaySettings(ServiceSettings):
@@ -43,6 +44,11 @@ class GatewaySettings(ServiceSettings):
         description="Vector cache; rediss:// for TLS; empty: no cache. A password may be in the URL "
         "(redis://:pw@host:6379/0) or in GATEWAY_REDIS_PASSWORD.",
     )
+    redis_cluster: bool = Field(
+        False,
+        description="GATEWAY_REDIS_URL names one node (any) of a Redis Cluster, whose other nodes the "
+        "gateway discovers; the URL's database must be 0.",
+    )
     redis_password: str = Field("", description="Redis password (AUTH), used when the URL carries none.")
     redis_tls_ca: str = Field("", description="PEM CA that signed Redis's certificate (rediss:// URLs).")
     redis_tls_cert: str = Field("", description="PEM client certificate, when Redis requires one.")
@@ -64,6 +70,26 @@ class GatewaySettings(ServiceSettings):
         "localhost:50071,localhost:50072",
         description="Comma-separated index shard addresses, in a fixed order: an item's shard is chosen "
         "by hashing its id over this list. Empty: no Search/Upsert/Delete.",
+    )
+    index_shards_srv: str = Field(
+        "",
+        description="DNS SRV name of the shards' Kubernetes headless Service (e.g. "
+        "_grpc._tcp.index.embeddings.svc.cluster.local); set: it replaces GATEWAY_INDEX_SHARDS, and shard "
+        "n is the SRV target whose first label ends in -n (StatefulSet pod index-n).",
+    )
+    index_shard_count: int = Field(
+        0,
+        ge=0,
+        description="With GATEWAY_INDEX_SHARDS_SRV (required then): the number of shards, the StatefulSet's "
+        "replicas. Ids are hashed over it, so a pod briefly absent from DNS does not move them.",
+    )
+    shard_discovery_s: float = Field(
+        10.0, gt=0, description="How often GATEWAY_INDEX_SHARDS_SRV is resolved again."
+    )
+    dns_nameserver: str = Field(
+        "",
+        description="ip:port of a DNS server to ask for GATEWAY_INDEX_SHARDS_SRV instead of the system's "
+        "resolvers (tests, unusual clusters).",
     )
     shard_timeout_s: float = Field(
         5.0,
@@ -109,7 +135,28 @@ class GatewaySettings(ServiceSettings):
         if self.worker_tls_cert and not self.worker_tls_ca:
             raise ValueError("GATEWAY_WORKER_TLS_CERT (mutual TLS to workers) needs GATEWAY_WORKER_TLS_CA")
         check_pair(self.redis_tls_cert, self.redis_tls_key, "GATEWAY_REDIS_TLS_CERT", "GATEWAY_REDIS_TLS_KEY")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"GATEWAY_REDIS_URL={self.redis_url!r}: use redis://, rediss:// or unix:// (empty: no cache)"
+            )
         redis_tls = self.redis_tls_ca or self.redis_tls_cert
         if redis_tls and not self.redis_url.startswith("rediss://"):
             raise ValueError("GATEWAY_REDIS_TLS_* need a rediss:// GATEWAY_REDIS_URL")
+        return self
+
+    @model_validator(mode="after")
+    def _shard_discovery(self) -> Self:
+        if self.index_shards_srv and self.index_shard_count <= 0:
+            raise ValueError(
+                "GATEWAY_INDEX_SHARDS_SRV needs GATEWAY_INDEX_SHARD_COUNT > 0 (the StatefulSet's replicas): "
+                "ids are hashed over the number of shards, which DNS alone cannot be trusted to give"
+            )
+        listed = len([address for address in self.index_shards.split(",") if address.strip()])
+        if not self.index_shards_srv and self.index_shard_count not in (0, listed):
+            raise ValueError(
+                f"GATEWAY_INDEX_SHARD_COUNT={self.index_shard_count} but GATEWAY_INDEX_SHARDS lists {listed} "
+                "shards (the count is read with GATEWAY_INDEX_SHARDS_SRV)"
+            )
+        if self.dns_nameserver:
+            parse_nameserver(self.dns_nameserver)  # ValueError naming what is wrong
         return self

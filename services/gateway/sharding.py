@@ -4,12 +4,16 @@ An item lives on the shard `jump_hash(blake2b(id)) mod N` over the GATEWAY_INDEX
 across restarts and processes, and growing the list from N to N+1 shards moves only 1/(N+1) of the ids
 (which must then be re-upserted; see the README). Searches go to every shard in parallel with one
 deadline; the hits of those that answered are merged, the others are reported, not fatal.
+
+With GATEWAY_INDEX_SHARDS_SRV the list is GATEWAY_INDEX_SHARD_COUNT slots whose addresses DNS gives
+(discovery.py) and may change: a slot DNS has not listed yet is a missing shard, and an address that
+changes gets a new channel (the old one is closed once its calls are done).
 """
 
 import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
@@ -21,6 +25,7 @@ from embeddings.v1 import types_pb2 as pb
 from services.common import metrics
 from services.common.errors import InvalidArgument, ServiceError, Unavailable
 from services.gateway.channels import BackendChannels
+from services.gateway.discovery import DiscoveryError, SrvDiscovery
 
 log = logging.getLogger("sharding")
 
@@ -28,6 +33,8 @@ T = TypeVar("T")
 
 # What a shard's failure means for the caller: their request was wrong (raise it), or the shard is gone.
 _CALLER_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# How long the channel of a shard whose address changed stays open for the calls already on it.
+_RETIRE_GRACE_S = 10.0
 
 
 def jump_hash(key: int, buckets: int) -> int:
@@ -63,27 +70,126 @@ class Shard:
 
 
 class ShardSet:
-    def __init__(self, addresses: Sequence[str], channels: BackendChannels) -> None:
-        self.shards = [Shard(address, channels) for address in addresses]
+    def __init__(
+        self, addresses: Sequence[str], channels: BackendChannels, discovery: SrvDiscovery | None = None
+    ) -> None:
+        """Shards at the fixed `addresses`, or (with `discovery`, and no `addresses`) `discovery.count`
+        shards whose addresses DNS gives: None until it does."""
+        if discovery is not None and addresses:
+            raise ValueError("shards come from a list of addresses or from DNS discovery, not both")
+        self._channels = channels
+        self._discovery = discovery
+        self.shards: list[Shard | None] = (
+            [Shard(address, channels) for address in addresses]
+            if discovery is None
+            else [None] * discovery.count
+        )
         self.dimensions: dict[str, int] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._dns_failing = False
+        self._unlisted: set[int] = set()
 
-    async def start(self, refresh_s: float) -> None:
-        """Learn the shards' spaces now, and again every `refresh_s` (shards may be down: not waited for)."""
+    async def start(self, refresh_s: float, discovery_s: float = 10.0) -> None:
+        """Learn the shards' spaces now, and again every `refresh_s` (shards may be down: not waited for);
+        with discovery, first the shards' addresses, and again every `discovery_s` (DNS may list none yet:
+        then every shard is missing until it does)."""
+        loop = asyncio.get_running_loop()
+        if self._discovery is not None:
+            await self._discover()
+            self._tasks.append(loop.create_task(self._every(discovery_s, self.discover)))
         await self.refresh()
-        self._task = asyncio.get_running_loop().create_task(self._refresh_forever(refresh_s))
+        self._tasks.append(loop.create_task(self._every(refresh_s, self.refresh)))
 
-    async def _refresh_forever(self, refresh_s: float) -> None:
+    @staticmethod
+    async def _every(period_s: float, call: Callable[[], Awaitable[None]]) -> None:
         while True:
-            await asyncio.sleep(refresh_s)
-            await self.refresh()
+            await asyncio.sleep(period_s)
+            try:
+                await call()
+            except Exception:  # a bug must not end the loop: the gateway would keep stale shards for good
+                log.exception("periodic shard task failed")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         for shard in self.shards:
-            await shard.channel.close()
+            if shard is not None:
+                await shard.channel.close()
+
+    async def discover(self) -> None:
+        """Ask DNS for the shards' addresses again; learn the spaces of shards that got a new one."""
+        if await self._discover():
+            await self.refresh()
+
+    async def _discover(self) -> bool:
+        """Take the addresses DNS lists now; a shard it does not list (or a DNS failure) keeps its last
+        known address: a StatefulSet pod's name outlives the pod. Whether an address changed."""
+        assert self._discovery is not None
+        name = self._discovery.name
+        try:
+            found = await self._discovery.resolve()
+        except DiscoveryError as error:
+            if not self._dns_failing:
+                log.warning(
+                    "shard discovery: %s did not resolve (%s); keeping the last known addresses", name, error
+                )
+            self._dns_failing = True
+            return False
+        if self._dns_failing:
+            log.info("shard discovery: %s resolves again", name)
+        self._dns_failing = False
+        changed = False
+        for number, address in sorted(found.items()):
+            current = self.shards[number]
+            if current is not None and current.address == address:
+                continue
+            self.shards[number] = Shard(address, self._channels)
+            changed = True
+            if current is None:
+                log.info("shard %d discovered at %s (%s)", number, address, name)
+            else:
+                log.warning("shard %d moved from %s to %s (%s)", number, current.address, address, name)
+                self._retire(current)
+        unlisted = {number for number in range(len(self.shards)) if number not in found}
+        if unlisted != self._unlisted and unlisted:
+            log.warning(
+                "shard discovery: %s does not list shard(s) %s; %s",
+                name,
+                ", ".join(map(str, sorted(unlisted))),
+                "those with a last known address keep it, the others are missing until it lists them",
+            )
+        self._unlisted = unlisted
+        return changed
+
+    def _retire(self, shard: Shard) -> None:
+        """Close the channel of a shard's old address once the calls on it are done."""
+        task = asyncio.get_running_loop().create_task(shard.channel.close(grace=_RETIRE_GRACE_S))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def _name(self, number: int, shard: Shard | None) -> str:
+        """How a shard is named in `missing_shards` and errors: its address, or why it has none."""
+        if shard is not None:
+            return shard.address
+        assert self._discovery is not None
+        return self._discovery.undiscovered(number)
+
+    def _owning(self, owned: dict[int, list[int]], method: str) -> dict[int, Shard]:
+        """The shards owning the positions in `owned`; UNAVAILABLE naming those not discovered yet (and
+        then no shard is sent anything)."""
+        shards = {number: self.shards[number] for number in owned}
+        unknown = [self._name(number, None) for number, shard in sorted(shards.items()) if shard is None]
+        if unknown:
+            raise Unavailable(
+                f"index {', '.join(unknown)} did not complete {method}: "
+                f"{'it owns' if len(unknown) == 1 else 'they own'} items of this request and "
+                f"{'has' if len(unknown) == 1 else 'have'} no address yet; nothing was applied; the request "
+                "is safe to retry as it is"
+            )
+        return {number: shard for number, shard in shards.items() if shard is not None}
 
     def _require(self) -> None:
         if not self.shards:
@@ -105,7 +211,8 @@ class ShardSet:
             except grpc.aio.AioRpcError:
                 return None
 
-        for response in await asyncio.gather(*(stats(shard) for shard in self.shards)):
+        known = [shard for shard in self.shards if shard is not None]
+        for response in await asyncio.gather(*(stats(shard) for shard in known)):
             if response is not None:
                 for space in response.spaces:
                     self.dimensions[space.space] = space.dimension
@@ -114,7 +221,11 @@ class ShardSet:
         """The top k over every shard that answered within `timeout`; the others are listed as missing."""
         self._require()
 
-        async def ask(shard: Shard) -> idx.IndexSearchResponse | None:
+        shards = list(self.shards)  # this search's view: discovery may replace a shard meanwhile
+
+        async def ask(shard: Shard | None) -> idx.IndexSearchResponse | None:
+            if shard is None:  # not discovered yet
+                return None
             try:
                 return await shard.index.Search(request, timeout=timeout)
             except grpc.aio.AioRpcError as error:
@@ -125,17 +236,23 @@ class ShardSet:
                 shard.failed("Search", error)
                 return None
 
-        answers = await asyncio.gather(*(ask(shard) for shard in self.shards))
+        answers = await asyncio.gather(*(ask(shard) for shard in shards))
         missing = [
-            shard.address for shard, answer in zip(self.shards, answers, strict=True) if answer is None
+            self._name(number, shard)
+            for number, (shard, answer) in enumerate(zip(shards, answers, strict=True))
+            if answer is None
         ]
-        if len(missing) == len(self.shards):
+        if all(shard is None for shard in shards):
+            raise Unavailable(f"no index shard is discovered yet: {', '.join(missing)}; retry shortly")
+        if len(missing) == len(shards):
             raise Unavailable(
                 f"no index shard answered within {timeout:.1f}s: {', '.join(missing)}; retry shortly"
             )
         best: dict[str, pb.Hit] = {}
-        for shard, answer in zip(self.shards, answers, strict=True):
-            for hit in answer.hits if answer is not None else ():
+        for shard, answer in zip(shards, answers, strict=True):
+            if shard is None or answer is None:
+                continue
+            for hit in answer.hits:
                 if hit.id not in best or hit.score > best[hit.id].score:
                     hit.shard = shard.address
                     best[hit.id] = hit
@@ -148,9 +265,10 @@ class ShardSet:
         """Send each item to its shard, all shards in parallel; fails naming the shards that did not store."""
         self._require()
         owned = self.owners([item.id for item in items])
+        shards = self._owning(owned, "Upsert")
 
         async def send(number: int, positions: list[int]) -> None:
-            shard = self.shards[number]
+            shard = shards[number]
             request = idx.IndexUpsertRequest(
                 space=space, items=[items[p] for p in positions], request_id=request_id
             )
@@ -167,9 +285,10 @@ class ShardSet:
         """(deleted, not found) over the shards owning `ids`."""
         self._require()
         owned = self.owners(ids)
+        shards = self._owning(owned, "Delete")
 
         async def send(number: int, positions: list[int]) -> idx.IndexDeleteResponse:
-            shard = self.shards[number]
+            shard = shards[number]
             try:
                 return await shard.index.Delete(
                     idx.IndexDeleteRequest(space=space, ids=[ids[p] for p in positions]), timeout=timeout

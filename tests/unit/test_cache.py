@@ -11,9 +11,11 @@ import pytest
 import redis.asyncio as redis
 from embeddings.v1 import types_pb2 as pb
 from prometheus_client import REGISTRY
+from pydantic import ValidationError
 
 from harness.processes import RedisServer
 from services.gateway.cache import RawVector, VectorCache, cache_key
+from services.gateway.settings import GatewaySettings
 
 _counter = itertools.count()
 
@@ -238,3 +240,16 @@ async def test_hung_redis_times_out_quickly_and_answers_are_not_mixed_up_afterwa
         assert_same(got[1], entries[first])
     finally:
         await vectors.close()
+
+
+@pytest.mark.parametrize("url", ["http://redis:6379", "localhost:6379", "redis-cluster://a:1"])
+def test_a_redis_url_of_another_scheme_is_a_settings_error(url: str) -> None:
+    with pytest.raises(ValidationError, match=r"GATEWAY_REDIS_URL.*redis://, rediss:// or unix://"):
+        GatewaySettings(redis_url=url)
+
+
+@pytest.mark.parametrize(
+    "url", ["", "redis://localhost:6379/0", "rediss://:pw@r:6380/1", "unix:///tmp/r.sock"]
+)
+def test_redis_urls_redis_py_opens_are_accepted(url: str) -> None:
+    assert GatewaySettings(redis_url=url).redis_url == url
