@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 GEN := gen/python
 PROTO_DIR := protos
 PROTOS := $(wildcard $(PROTO_DIR)/embeddings/v1/*.proto)
+VERSION := 0.1.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup deps redis-server protos test test-unit run bench bench-image bench-index bench-useritem soak lint clean
+.PHONY: setup deps redis-server protos test test-unit run bench bench-image bench-index bench-useritem soak lint clean images
 
 setup: deps redis-server protos ## Install everything: Python deps (pinned), redis-server, generated contracts.
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
@@ -67,3 +68,8 @@ lint:
 
 clean:
 	rm -rf $(GEN) build *.egg-info
+
+images: ## The five container images (needs a Docker engine; not run in CI): embeddings/<service>:$(VERSION).
+	for target in gateway index text image useritem; do \
+		docker build -f deploy/Dockerfile --target $$target -t embeddings/$$target:$(VERSION) . || exit 1; \
+	done

@@ -35,6 +35,18 @@ def configure_logging(level: str) -> None:
     )
 
 
+async def _start_health_server(
+    health_servicer: health.aio.HealthServicer, settings: ServiceSettings
+) -> grpc.aio.Server:
+    """A second, plaintext server that answers only grpc.health.v1 from the main server's health state:
+    Kubernetes' native gRPC probes and `HEALTHCHECK` cannot present TLS, and health reveals nothing else."""
+    server = grpc.aio.server(maximum_concurrent_rpcs=16)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+    await server.start()
+    return server
+
+
 async def serve(
     name: str,
     settings: ServiceSettings,
@@ -51,12 +63,18 @@ async def serve(
     except TlsFileError as error:
         log.error("%s cannot start: %s", name, error)
         raise SystemExit(1) from error
+    options: list[tuple[str, int]] = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+    if settings.max_connection_age_s:
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_s * 1000)),
+        ]
     server = grpc.aio.server(
         interceptors=[StatusInterceptor(name), *interceptors],
-        options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-        ],
+        options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_calls or None,
     )
     service_names = register(server)
@@ -76,14 +94,16 @@ async def serve(
         port = server.add_secure_port(address, credentials)
         transport = "mutual TLS" if settings.tls_client_ca else "TLS"
     await server.start()
+    health_server = await _start_health_server(health_servicer, settings) if settings.health_port else None
     start_metrics_server(settings.metrics_port)
     log.info(
-        "%s listening on %s:%d (%s; metrics on %d); loading",
+        "%s listening on %s:%d (%s; metrics on %d; plaintext health on %s); loading",
         name,
         settings.host,
         port,
         transport,
         settings.metrics_port,
+        settings.health_port or "the main port only",
     )
 
     stop = asyncio.Event()
@@ -109,6 +129,8 @@ async def serve(
     log.info("%s stopping: draining in-flight calls (up to %.1fs)", name, settings.shutdown_grace_s)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.shutdown_grace_s)
+    if health_server is not None:
+        await health_server.stop(None)
     if shutdown is not None:
         await shutdown()
     log.info("%s stopped", name)

@@ -40,6 +40,16 @@ class ServiceSettings(BaseSettings):
         description="PEM CA bundle; when set, callers must present a client certificate it signed "
         "(mutual TLS). Needs the certificate and key.",
     )
+    max_connection_age_s: float = Field(
+        0.0,
+        description="Ask clients to reconnect after a connection is this old (in-flight calls finish first), "
+        "so they re-resolve DNS and spread over replicas added since; 0: never.",
+    )
+    health_port: int = Field(
+        0,
+        description="Plaintext port serving only grpc.health.v1, for probes that cannot speak TLS (Kubernetes "
+        "gRPC probes, container health checks); 0: health only on the main port.",
+    )
 
     @model_validator(mode="after")
     def _tls_complete(self) -> Self:

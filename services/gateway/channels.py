@@ -31,8 +31,10 @@ class BackendChannels:
 
     def open(self, address: str) -> grpc.aio.Channel:
         """A channel that reconnects within `reconnect_max_s` after the backend restarts (not after
-        gRPC's default of up to 120 s)."""
+        gRPC's default of up to 120 s), and spreads calls over every address its name resolves to (the
+        replicas behind a Kubernetes headless Service) instead of pinning one."""
         options: list[tuple[str, int | str]] = [
+            ("grpc.lb_policy_name", "round_robin"),
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.initial_reconnect_backoff_ms", min(1000, int(self.reconnect_max_s * 1000))),
