@@ -17,12 +17,8 @@ from services.gateway.encoding import CachingEncoder
 from services.gateway.recommending import Recommendations
 from services.gateway.routing import Router
 from services.gateway.servicer import GatewayService
-from services.gateway.settings import GatewaySettings
+from services.gateway.settings import GatewaySettings, addresses
 from services.gateway.sharding import ShardSet
-
-
-def _addresses(listed: str) -> list[str]:
-    return [address.strip() for address in listed.split(",") if address.strip()]
 
 
 def _redis_access(settings: GatewaySettings) -> RedisAccess:
@@ -50,7 +46,7 @@ def main() -> None:
 
     async def run() -> None:
         router = Router(
-            _addresses(settings.workers), settings.model_refresh_s, channels, _addresses(settings.useritem)
+            addresses(settings.workers), settings.model_refresh_s, channels, addresses(settings.useritem)
         )
         recommendations = Recommendations(settings.useritem, router, channels)
         cache = VectorCache(
@@ -67,7 +63,7 @@ def main() -> None:
             )
             shards = ShardSet([], channels, discovery)
         else:
-            shards = ShardSet(_addresses(settings.index_shards), channels)
+            shards = ShardSet(addresses(settings.index_shards), channels)
         service = GatewayService(router, CachingEncoder(router, cache), shards, recommendations, settings)
 
         def register(server: grpc.aio.Server) -> list[str]:

@@ -9,6 +9,11 @@ from services.common.settings import ServiceSettings, check_pair
 from services.gateway.discovery import parse_nameserver
 
 
+def addresses(listed: str) -> list[str]:
+    """The addresses of a comma-separated setting (GATEWAY_WORKERS, GATEWAY_INDEX_SHARDS, ...)."""
+    return [address.strip() for address in listed.split(",") if address.strip()]
+
+
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
 
@@ -151,7 +156,7 @@ class GatewaySettings(ServiceSettings):
                 "GATEWAY_INDEX_SHARDS_SRV needs GATEWAY_INDEX_SHARD_COUNT > 0 (the StatefulSet's replicas): "
                 "ids are hashed over the number of shards, which DNS alone cannot be trusted to give"
             )
-        listed = len([address for address in self.index_shards.split(",") if address.strip()])
+        listed = len(addresses(self.index_shards))
         if not self.index_shards_srv and self.index_shard_count not in (0, listed):
             raise ValueError(
                 f"GATEWAY_INDEX_SHARD_COUNT={self.index_shard_count} but GATEWAY_INDEX_SHARDS lists {listed} "
