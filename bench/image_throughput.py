@@ -39,7 +39,7 @@ from embeddings.v1 import gateway_pb2_grpc
 from embeddings.v1 import types_pb2 as pb
 
 from harness.processes import gateway, image_worker, new_log_dir, running
-from services.common.backend import EncoderBackend
+from services.encoder.backend import EncoderBackend
 
 BATCH = 32
 CLIENTS = 64

@@ -39,9 +39,9 @@ import yaml
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
-from services.common.healthcheck import SETTINGS
 from services.common.settings import ServiceSettings
 from services.gateway.settings import GatewaySettings
+from services.healthcheck import SETTINGS
 from services.index.settings import ShardSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1200,7 +1200,7 @@ def test_dockerfile_target_matches_the_service(service: str) -> None:
     assert exposed == defaults, (
         f"target {service}: EXPOSE {exposed}, but its settings default to (port, metrics_port) {defaults}"
     )
-    assert target_health_argv(service) == ["python", "-m", "services.common.healthcheck", service], (
+    assert target_health_argv(service) == ["python", "-m", "services.healthcheck", service], (
         f"target {service}: HEALTHCHECK runs {target_health_argv(service)}"
     )
     (command,) = [json.loads(rest) for rest in target.all("CMD")][-1:]
@@ -1295,10 +1295,10 @@ LIGHT_IMAGE_PROBE = textwrap.dedent(
     sys.meta_path.insert(0, CoreOnly())
 
     before = set(sys.modules)
-    for module in ("services.gateway.__main__", "services.index.__main__", "services.common.healthcheck"):
+    for module in ("services.gateway.__main__", "services.index.__main__", "services.healthcheck"):
         importlib.import_module(module)
     for service in ("gateway", "index"):  # what the health check loads for them
-        importlib.import_module(sys.modules["services.common.healthcheck"].SETTINGS[service].split(":")[0])
+        importlib.import_module(sys.modules["services.healthcheck"].SETTINGS[service].split(":")[0])
     loaded = {}
     for name in set(sys.modules) - before:
         top = name.partition(".")[0]

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic_settings import BaseSettings
 
-from services.common.settings import ClipSettings
+from services.encoder.settings import ClipSettings
 from services.gateway.settings import GatewaySettings
 from services.image.settings import ImageSettings
 from services.index.settings import ShardSettings

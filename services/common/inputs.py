@@ -12,6 +12,7 @@ KIND_OF_FIELD = {
     "user_id": pb.INPUT_KIND_USER,
     "item_id": pb.INPUT_KIND_ITEM,
 }
+FIELD_OF_KIND = {kind: field for field, kind in KIND_OF_FIELD.items()}
 
 
 def kind_name(kind: int) -> str:
@@ -22,15 +23,23 @@ def kind_of(item: pb.Input, index: int) -> int:
     """The InputKind of `item`; INVALID_ARGUMENT when it holds nothing."""
     field = item.WhichOneof("content")
     if field is None:
-        raise InvalidArgument(f"inputs[{index}] is empty: set one of text, image, user_id, item_id")
+        raise InvalidArgument("is empty: set one of text, image, user_id, item_id", field=f"inputs[{index}]")
     return KIND_OF_FIELD[field]
 
 
 def check_batch_size(inputs: Sequence[object], limit: int, field: str = "inputs") -> None:
     if not inputs:
-        raise InvalidArgument(f"{field} is empty: send 1 to {limit} inputs")
+        raise InvalidArgument(f"is empty: send 1 to {limit} inputs", field=field)
     if len(inputs) > limit:
         raise InvalidArgument(
-            f"{field} has {len(inputs)} items; the limit is {limit} per request "
-            "(split the batch, or use the streaming call for bulk)"
+            f"has {len(inputs)} items; the limit is {limit} per request "
+            "(split the batch, or use the streaming call for bulk)",
+            field=field,
         )
+
+
+def check_kinds(kinds: Sequence[int], field: str) -> None:
+    """Every value is a known InputKind."""
+    unknown = [kind for kind in kinds if kind not in pb.InputKind.values()]
+    if unknown:
+        raise InvalidArgument(f"has unknown InputKind values {unknown}", field=field)

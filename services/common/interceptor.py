@@ -135,7 +135,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         """Abort the call with the status `error` stands for; cancellations and aborts pass as they are."""
         if isinstance(error, ServiceError):
             log.info("%s.%s -> %s: %s", self._service, method, error.code.name, error.message)
-            await context.abort(error.code, error.message)
+            await context.abort(error.code, error.message, error.status_details())
         elif not isinstance(error, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError):
             log.exception("%s.%s failed", self._service, method)
             await context.abort(

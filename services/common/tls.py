@@ -1,5 +1,5 @@
 """TLS credentials from PEM files named in settings: the server side of every service, and the client
-side of the gateway's calls to its workers and shards. Files are read once, at start-up; a file that
+side of calls to other processes. Files are read once, at start-up; a file that
 cannot be read stops the start with its path in the message."""
 
 from pathlib import Path
@@ -35,7 +35,7 @@ def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | No
 
 def channel_credentials(ca: str, cert: str, key: str, prefix: str) -> grpc.ChannelCredentials | None:
     """TLS to a server whose certificate `ca` signed, presenting `cert`/`key` when given (mutual TLS);
-    None when no CA is set (plaintext). `prefix` names the settings in errors, e.g. GATEWAY_WORKER_TLS_."""
+    None when no CA is set (plaintext). `prefix` names the settings in errors."""
     if not ca:
         return None
     return grpc.ssl_channel_credentials(

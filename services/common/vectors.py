@@ -63,7 +63,7 @@ def from_wire(vector: pb.Vector, field: str = "vector") -> np.ndarray:
     """
     dim = vector.dim
     if dim == 0:
-        raise InvalidArgument(f"{field}.dim is 0; give the number of dimensions")
+        raise InvalidArgument("is 0; give the number of dimensions", field=f"{field}.dim")
     if vector.dtype == pb.DTYPE_BINARY:
         expected = (dim + 7) // 8
     elif vector.dtype in _ITEM_BYTES or vector.dtype == pb.DTYPE_UNSPECIFIED:
@@ -72,8 +72,9 @@ def from_wire(vector: pb.Vector, field: str = "vector") -> np.ndarray:
         raise InvalidArgument(f"{field}.dtype={vector.dtype} is not a known DType")
     if len(vector.data) != expected:
         raise InvalidArgument(
-            f"{field}.data has {len(vector.data)} bytes; dim={dim} of "
-            f"{pb.DType.Name(vector.dtype or pb.DTYPE_FLOAT32)} needs {expected}"
+            f"has {len(vector.data)} bytes; dim={dim} of {pb.DType.Name(vector.dtype or pb.DTYPE_FLOAT32)} "
+            f"needs {expected}",
+            field=f"{field}.data",
         )
     if vector.dtype == pb.DTYPE_FLOAT16:
         values = np.frombuffer(vector.data, dtype="<f2").astype(np.float32)
@@ -85,5 +86,14 @@ def from_wire(vector: pb.Vector, field: str = "vector") -> np.ndarray:
     else:
         values = np.frombuffer(vector.data, dtype="<f4")
     if not np.all(np.isfinite(values)):
-        raise InvalidArgument(f"{field} holds NaN or infinite values")
+        raise InvalidArgument("holds NaN or infinite values", field=field)
     return values
+
+
+def unit_vector(vector: pb.Vector, field: str) -> np.ndarray:
+    """A finite, non-zero wire vector scaled to unit length (inner product is then cosine)."""
+    values = from_wire(vector, field)
+    norm = float(np.linalg.norm(values))
+    if norm == 0.0:
+        raise InvalidArgument("is all zeros; a zero vector has no direction to search by", field=field)
+    return (values / norm).astype(np.float32)

@@ -24,7 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
-from services.common import metrics
+from services.gateway import metrics
 
 log = logging.getLogger("cache")
 

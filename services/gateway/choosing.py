@@ -5,9 +5,9 @@ from collections.abc import Iterable, Sequence
 
 from embeddings.v1 import types_pb2 as pb
 
-from services.common.backend import ModelCard
 from services.common.errors import InvalidArgument
 from services.common.inputs import kind_name, kind_of
+from services.common.model_card import ModelCard
 from services.gateway.routing import Router
 
 
@@ -32,8 +32,9 @@ class ModelChooser:
             card = self.default_card(kinds[0], space)
             if not set(kinds) <= set(card.input_kinds):
                 raise InvalidArgument(
-                    f"{field} mix {' and '.join(map(kind_name, kinds))} inputs and no model is named; "
-                    "name a model that accepts them all, or send each kind separately"
+                    f"mix {' and '.join(map(kind_name, kinds))} inputs and no model is named; "
+                    "name a model that accepts them all, or send each kind separately",
+                    field=field,
                 )
         if space and card.space != space:
             raise InvalidArgument(

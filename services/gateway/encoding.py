@@ -1,18 +1,25 @@
-"""Encoding through the cache: look every input up in one round trip, send only the misses (each
-distinct input once) to the worker, write them back, and return results in request order."""
+"""The gateway's Encode, and encoding through the cache, which every call that encodes uses.
+
+Through the cache: look every input up in one round trip, send only the misses (each distinct input once)
+to the worker, write them back, and return results in request order. The vectors are the models' raw
+float32 output; the caller's options (normalise, truncate, dtype) are applied after it.
+"""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import types_pb2 as pb
 
-from services.common import metrics
-from services.common.backend import ModelCard
 from services.common.errors import InvalidArgument, ServiceError
-from services.common.vectors import from_wire
+from services.common.inputs import check_batch_size
+from services.common.model_card import ModelCard
+from services.common.vectors import check_options, from_wire, shape
+from services.gateway import metrics
 from services.gateway.cache import RawVector, VectorCache, cache_key
-from services.gateway.routing import Router, remap_input_indices
+from services.gateway.choosing import ModelChooser
+from services.gateway.routing import Router
 
 
 @dataclass
@@ -57,7 +64,7 @@ class CachingEncoder:
             try:
                 response = await self._router.encode(card.id, [inputs[p] for p in missing], strict, timeout)
             except ServiceError as error:
-                raise remap_input_indices(error, [where[p] for p in missing], field) from None
+                raise error.moved("inputs", [where[p] for p in missing], field) from None
             model = response.model
             fresh: dict[str, RawVector] = {}
             for position, embedding in zip(missing, response.embeddings, strict=True):
@@ -71,8 +78,33 @@ class CachingEncoder:
             for position, entry in enumerate(vectors):
                 if entry is not None and entry.truncated:
                     raise InvalidArgument(
-                        f"{field}[{where[position]}] is longer than model {card.id!r} takes "
-                        f"({card.max_input_tokens} tokens); options.strict is set: unset it to embed "
-                        "the first tokens only"
+                        f"is longer than model {card.id!r} takes ({card.max_input_tokens} tokens); "
+                        "options.strict is set: unset it to embed the first tokens only",
+                        field=f"{field}[{where[position]}]",
                     )
         return Encoded(model, [raw for raw in vectors if raw is not None], [was_cached[key] for key in keys])
+
+
+class Encoding:
+    """The public Encode: the model named or the default for the inputs' kind, through the cache, then
+    shaped as the options ask."""
+
+    def __init__(self, models: ModelChooser, encoder: CachingEncoder, max_inputs_per_request: int) -> None:
+        self._models = models
+        self._encoder = encoder
+        self._max_inputs = max_inputs_per_request
+
+    async def encode(self, request: enc.EncodeRequest, timeout: float) -> enc.EncodeResponse:
+        check_batch_size(request.inputs, self._max_inputs)
+        card = self._models.card_for(request.model, request.inputs, "inputs")
+        check_options(request.options, card.dimension, card.id)
+        encoded = await self._encoder.encode(card, request.inputs, request.options.strict, timeout)
+        vectors = shape(encoded.matrix(), request.options)
+        return enc.EncodeResponse(
+            model=encoded.model,
+            request_id=request.request_id,
+            embeddings=[
+                pb.Embedding(vector=vector, truncated=raw.truncated, input_tokens=raw.tokens, cached=cached)
+                for vector, raw, cached in zip(vectors, encoded.vectors, encoded.cached, strict=True)
+            ],
+        )

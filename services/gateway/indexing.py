@@ -13,11 +13,12 @@ from embeddings.v1 import gateway_pb2 as gw
 from embeddings.v1 import index_pb2 as idx
 from embeddings.v1 import types_pb2 as pb
 
-from services.common.backend import ModelCard
 from services.common.errors import InvalidArgument
-from services.common.index.service import check_id, check_k, check_kinds, check_payload, unit_vector
-from services.common.inputs import check_batch_size, kind_of
-from services.common.vectors import l2_normalize, to_wire
+from services.common.inputs import check_batch_size, check_kinds, kind_of
+from services.common.items import ItemRules
+from services.common.model_card import ModelCard
+from services.common.topk import check_k
+from services.common.vectors import l2_normalize, to_wire, unit_vector
 from services.gateway.choosing import ModelChooser
 from services.gateway.encoding import CachingEncoder
 from services.gateway.routing import Router
@@ -39,6 +40,7 @@ class Indexer:
         self._encoder = encoder
         self._shards = shards
         self._settings = settings
+        self._items = ItemRules(settings.max_id_bytes, settings.max_payload_bytes, "GATEWAY_")
 
     def _model_dimension(self, space: str) -> int | None:
         return next((card.dimension for card in self._router.cards if card.space == space), None)
@@ -51,8 +53,8 @@ class Indexer:
         dimension = self._model_dimension(space) or self._shards.dimensions.get(space)
         if dimension is not None and values.shape[0] != dimension:
             raise InvalidArgument(
-                f"{field} has {values.shape[0]} dimensions but space {space!r} holds {dimension}-dimensional "
-                "vectors"
+                f"has {values.shape[0]} dimensions but space {space!r} holds {dimension}-dimensional vectors",
+                field=field,
             )
         return values
 
@@ -98,10 +100,9 @@ class Indexer:
         check_batch_size(request.items, self._settings.max_inputs_per_request, "items")
         for position, item in enumerate(request.items):
             field = f"items[{position}]"
-            check_id(item.id, self._settings.max_id_bytes, f"{field}.id")
-            check_payload(item.payload_json, self._settings.max_payload_bytes, f"{field}.payload_json")
+            self._items.check(item.id, item.payload_json, field)
             if not item.HasField("input") and not item.HasField("vector"):
-                raise InvalidArgument(f"{field} has neither `input` nor `vector`")
+                raise InvalidArgument("has neither `input` nor `vector`", field=field)
         space, cards = self._resolve(request)
         vectors: list[pb.Vector | None] = [None] * len(request.items)
         kinds = [0] * len(request.items)
@@ -122,8 +123,9 @@ class Indexer:
                     first = (field, values.shape[0])
                 elif values.shape[0] != first[1]:
                     raise InvalidArgument(
-                        f"{field} has {values.shape[0]} dimensions but {first[0]} has {first[1]}; the vectors "
-                        f"of space {space!r} must all have one dimension"
+                        f"has {values.shape[0]} dimensions but {first[0]} has {first[1]}; the vectors "
+                        f"of space {space!r} must all have one dimension",
+                        field=field,
                     )
                 vectors[position] = to_wire(values)
         items = [
@@ -173,7 +175,7 @@ class Indexer:
             raise InvalidArgument("space is empty; name the space to delete from")
         check_batch_size(request.ids, self._settings.max_inputs_per_request, "ids")
         for position, item_id in enumerate(request.ids):
-            check_id(item_id, self._settings.max_id_bytes, f"ids[{position}]")
+            self._items.check_id(item_id, f"ids[{position}]")
         deleted, not_found = await self._shards.delete(
             request.space, list(request.ids), min(timeout, self._settings.shard_timeout_s)
         )

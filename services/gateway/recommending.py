@@ -13,9 +13,10 @@ from embeddings.v1 import recommender_pb2 as rec
 from embeddings.v1 import recommender_pb2_grpc as rec_grpc
 from google.protobuf.message import Message
 
-from services.common import metrics
-from services.common.errors import DeadlineExceeded, ServiceError, Unavailable, Unimplemented
+from services.common.errors import ServiceError, Unimplemented
+from services.gateway import metrics
 from services.gateway.channels import BackendChannels
+from services.gateway.relaying import relayed
 from services.gateway.routing import Router
 
 
@@ -37,21 +38,16 @@ class Recommendations:
             )
         return self._stub
 
-    def _translate(self, error: grpc.aio.AioRpcError) -> ServiceError:
-        code, details = error.code(), error.details() or ""
-        metrics.WORKER_FAILURES.labels(self._address, code.name).inc()
-        if code == grpc.StatusCode.UNAVAILABLE:
-            return Unavailable(f"user-item worker {self._address} is unavailable ({details}); retry shortly")
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return DeadlineExceeded(f"user-item worker {self._address} did not answer within the deadline")
-        return ServiceError(details, code)
+    def _relayed(self, error: grpc.aio.AioRpcError) -> ServiceError:
+        metrics.WORKER_FAILURES.labels(self._address, error.code().name).inc()
+        return relayed(error, f"user-item worker {self._address}")
 
     async def _unary(self, method: str, request: Message, timeout: float) -> Any:
         """Call the worker's unary `method`, its failures translated."""
         try:
             return await getattr(self._worker(method), method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:
-            raise self._translate(error) from None
+            raise self._relayed(error) from None
 
     async def recommend(self, request: rec.RecommendRequest, timeout: float) -> rec.RecommendResponse:
         return await self._unary("Recommend", request, timeout)
@@ -78,7 +74,7 @@ class Recommendations:
                 yield progress
             await sender  # the caller's stream failed: its error, not a truncated Fit
         except grpc.aio.AioRpcError as error:
-            raise self._translate(error) from None
+            raise self._relayed(error) from None
         except asyncio.CancelledError:
             # The sender cancels the worker call when the caller's stream fails (an undecodable
             # message, say); reading the cancelled call then raises this: answer with the sender's error.

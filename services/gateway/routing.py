@@ -8,7 +8,6 @@ down) rather than INVALID_ARGUMENT (no such model).
 import asyncio
 import itertools
 import logging
-import re
 from collections.abc import Sequence
 
 import grpc
@@ -16,15 +15,14 @@ from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import encoder_pb2_grpc as enc_grpc
 from embeddings.v1 import types_pb2 as pb
 
-from services.common import metrics
-from services.common.backend import ModelCard
-from services.common.errors import DeadlineExceeded, InvalidArgument, ServiceError, Unavailable
+from services.common.errors import InvalidArgument, ServiceError, Unavailable
 from services.common.inputs import kind_name
+from services.common.model_card import ModelCard
+from services.gateway import metrics
 from services.gateway.channels import BackendChannels
+from services.gateway.relaying import relayed
 
 log = logging.getLogger("routing")
-
-_INPUT_INDEX = re.compile(r"inputs\[(\d+)\]")
 
 
 class Worker:
@@ -161,25 +159,4 @@ class Router:
             return await worker.encoder.Encode(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:
             metrics.WORKER_FAILURES.labels(worker.address, error.code().name).inc()
-            raise _translate(error, worker.address, model_id) from None
-
-
-def _translate(error: grpc.aio.AioRpcError, address: str, model_id: str) -> ServiceError:
-    """A worker's failure as the gateway's caller should see it."""
-    code, details = error.code(), error.details() or ""
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(f"worker {address} serving {model_id!r} is unavailable ({details}); retry shortly")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"worker {address} did not answer for {model_id!r} within the deadline")
-    return ServiceError(details, code)
-
-
-def remap_input_indices(error: ServiceError, positions: Sequence[int], field: str) -> ServiceError:
-    """Rewrite `inputs[i]` in a worker's message (i: index in the sub-batch sent) as the caller's
-    `field[j]` (j: index in the caller's request)."""
-
-    def original(match: re.Match[str]) -> str:
-        index = int(match.group(1))
-        return f"{field}[{positions[index] if index < len(positions) else index}]"
-
-    return type(error)(_INPUT_INDEX.sub(original, error.message), error.code)
+            raise relayed(error, f"worker {worker.address} serving {model_id!r}") from None

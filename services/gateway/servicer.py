@@ -1,52 +1,43 @@
-"""The public Gateway service."""
+"""The public Gateway service: each method hands its call, with the time it may take, to the part that
+serves it (wiring.py builds them)."""
 
-import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
-import numpy as np
 from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import gateway_pb2 as gw
 from embeddings.v1 import gateway_pb2_grpc as gw_grpc
 from embeddings.v1 import recommender_pb2 as rec
-from embeddings.v1 import types_pb2 as pb
 
-from services.common.errors import InvalidArgument
-from services.common.inputs import check_batch_size, kind_of
 from services.common.streaming import ordered_pipeline
-from services.common.vectors import check_options, l2_normalize, shape
-from services.gateway.choosing import ModelChooser
-from services.gateway.encoding import CachingEncoder
+from services.gateway.encoding import Encoding
 from services.gateway.indexing import Indexer
 from services.gateway.recommending import Recommendations
 from services.gateway.routing import Router
 from services.gateway.settings import GatewaySettings
-from services.gateway.sharding import ShardSet
+from services.gateway.similarity import Similarities
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 
 
 class GatewayService(gw_grpc.GatewayServicer):
     def __init__(
         self,
         router: Router,
-        encoder: CachingEncoder,
-        shards: ShardSet,
+        encoding: Encoding,
+        similarities: Similarities,
+        indexer: Indexer,
         recommendations: Recommendations,
         settings: GatewaySettings,
     ) -> None:
         self._router = router
+        self._encoding = encoding
+        self._similarities = similarities
+        self._indexer = indexer
         self._recommendations = recommendations
-        self._encoder = encoder
         self._settings = settings
-        self._models = ModelChooser(
-            router,
-            {
-                pb.INPUT_KIND_TEXT: settings.default_text_model,
-                pb.INPUT_KIND_IMAGE: settings.default_image_model,
-                pb.INPUT_KIND_USER: settings.default_useritem_model,
-                pb.INPUT_KIND_ITEM: settings.default_useritem_model,
-            },
-        )
-        self._indexer = Indexer(router, self._models, encoder, shards, settings)
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -56,6 +47,19 @@ class GatewayService(gw_grpc.GatewayServicer):
             else min(remaining, self._settings.worker_timeout_s)
         )
 
+    def _streamed(
+        self,
+        requests: AsyncIterator[Req],
+        context: grpc.aio.ServicerContext,
+        handle: Callable[[Req, float], Awaitable[Resp]],
+    ) -> AsyncIterator[Resp]:
+        """A bulk stream: each request handled as its unary call would be, a window of them at once."""
+
+        async def one(request: Req) -> Resp:
+            return await handle(request, self._timeout(context))
+
+        return ordered_pipeline(requests, one, self._settings.stream_window)
+
     async def ListModels(
         self, request: enc.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> enc.ListModelsResponse:
@@ -64,86 +68,18 @@ class GatewayService(gw_grpc.GatewayServicer):
     async def Encode(
         self, request: enc.EncodeRequest, context: grpc.aio.ServicerContext
     ) -> enc.EncodeResponse:
-        return await self._encode(request, self._timeout(context))
+        return await self._encoding.encode(request, self._timeout(context))
 
     async def EncodeStream(
         self, request_iterator: AsyncIterator[enc.EncodeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[enc.EncodeResponse]:
-        async def handle(request: enc.EncodeRequest) -> enc.EncodeResponse:
-            return await self._encode(request, self._timeout(context))
-
-        async for response in ordered_pipeline(request_iterator, handle, self._settings.stream_window):
+        async for response in self._streamed(request_iterator, context, self._encoding.encode):
             yield response
-
-    async def _encode(self, request: enc.EncodeRequest, timeout: float) -> enc.EncodeResponse:
-        check_batch_size(request.inputs, self._settings.max_inputs_per_request)
-        card = self._models.card_for(request.model, request.inputs, "inputs")
-        check_options(request.options, card.dimension, card.id)
-        encoded = await self._encoder.encode(card, request.inputs, request.options.strict, timeout)
-        vectors = shape(encoded.matrix(), request.options)
-        return enc.EncodeResponse(
-            model=encoded.model,
-            request_id=request.request_id,
-            embeddings=[
-                pb.Embedding(vector=vector, truncated=raw.truncated, input_tokens=raw.tokens, cached=cached)
-                for vector, raw, cached in zip(vectors, encoded.vectors, encoded.cached, strict=True)
-            ],
-        )
 
     async def Similarity(
         self, request: gw.SimilarityRequest, context: grpc.aio.ServicerContext
     ) -> gw.SimilarityResponse:
-        limit = self._settings.max_inputs_per_request
-        check_batch_size(request.queries, limit, "queries")
-        check_batch_size(request.candidates, limit, "candidates")
-        pairwise = request.mode == gw.SIMILARITY_MODE_PAIRWISE
-        if pairwise and len(request.queries) != len(request.candidates):
-            raise InvalidArgument(
-                f"mode PAIRWISE needs as many candidates as queries; got {len(request.queries)} queries "
-                f"and {len(request.candidates)} candidates"
-            )
-        space = request.space or self._shared_space(request)
-        query_card = self._models.card_for(request.query_model, request.queries, "queries", space)
-        candidate_card = self._models.card_for(
-            request.candidate_model, request.candidates, "candidates", space or query_card.space
-        )
-        if candidate_card.space != query_card.space:
-            raise InvalidArgument(
-                f"queries are encoded by {query_card.id!r} in space {query_card.space!r} but candidates by "
-                f"{candidate_card.id!r} in space {candidate_card.space!r}; vectors of different spaces "
-                "cannot be compared: pick models of one space"
-            )
-        timeout = self._timeout(context)
-        queries, candidates = await asyncio.gather(
-            self._encoder.encode(query_card, request.queries, False, timeout, "queries"),
-            self._encoder.encode(candidate_card, request.candidates, False, timeout, "candidates"),
-        )
-        left, right = l2_normalize(queries.matrix()), l2_normalize(candidates.matrix())
-        if pairwise:
-            scores = np.einsum("ij,ij->i", left, right)
-            rows, cols = len(scores), 1
-        else:
-            scores = left @ right.T
-            rows, cols = scores.shape
-        return gw.SimilarityResponse(
-            scores=scores.ravel().tolist(),
-            rows=rows,
-            cols=cols,
-            space=query_card.space,
-            query_model=queries.model,
-            candidate_model=candidates.model,
-        )
-
-    def _shared_space(self, request: gw.SimilarityRequest) -> str:
-        """With no model named and queries and candidates of different kinds (text against images), a
-        space where both kinds have a model (see ModelChooser.shared_space); else empty."""
-        if request.query_model or request.candidate_model:
-            return ""
-        query_kinds = {kind_of(item, index) for index, item in enumerate(request.queries)}
-        candidate_kinds = {kind_of(item, index) for index, item in enumerate(request.candidates)}
-        if len(query_kinds) != 1 or len(candidate_kinds) != 1 or query_kinds == candidate_kinds:
-            return ""
-        return self._models.shared_space([*query_kinds, *candidate_kinds])
+        return await self._similarities.similarity(request, self._timeout(context))
 
     async def Search(self, request: gw.SearchRequest, context: grpc.aio.ServicerContext) -> gw.SearchResponse:
         return await self._indexer.search(request, self._timeout(context))
@@ -154,10 +90,7 @@ class GatewayService(gw_grpc.GatewayServicer):
     async def UpsertStream(
         self, request_iterator: AsyncIterator[gw.UpsertRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gw.UpsertResponse]:
-        async def handle(request: gw.UpsertRequest) -> gw.UpsertResponse:
-            return await self._indexer.upsert(request, self._timeout(context))
-
-        async for response in ordered_pipeline(request_iterator, handle, self._settings.stream_window):
+        async for response in self._streamed(request_iterator, context, self._indexer.upsert):
             yield response
 
     async def Delete(self, request: gw.DeleteRequest, context: grpc.aio.ServicerContext) -> gw.DeleteResponse:

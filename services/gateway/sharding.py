@@ -22,10 +22,11 @@ from embeddings.v1 import index_pb2 as idx
 from embeddings.v1 import index_pb2_grpc as idx_grpc
 from embeddings.v1 import types_pb2 as pb
 
-from services.common import metrics
 from services.common.errors import InvalidArgument, ServiceError, Unavailable
+from services.gateway import metrics
 from services.gateway.channels import BackendChannels
 from services.gateway.discovery import DiscoveryError, SrvDiscovery
+from services.gateway.relaying import relayed
 
 log = logging.getLogger("sharding")
 
@@ -232,7 +233,7 @@ class ShardSet:
                 if error.code() == grpc.StatusCode.NOT_FOUND:  # the shard holds nothing of the space
                     return idx.IndexSearchResponse()
                 if error.code() in _CALLER_ERRORS:
-                    raise ServiceError(error.details() or "", error.code()) from None
+                    raise relayed(error, f"index shard {shard.address}") from None
                 shard.failed("Search", error)
                 return None
 
@@ -275,7 +276,7 @@ class ShardSet:
             try:
                 await shard.index.Upsert(request, timeout=timeout)
             except grpc.aio.AioRpcError as error:
-                raise self._shard_error(shard, "Upsert", error) from None
+                raise self._shard_error(shard, "Upsert", error).moved("items", positions, "items") from None
 
         await _all(send(number, positions) for number, positions in owned.items())
         if items:
@@ -294,7 +295,7 @@ class ShardSet:
                     idx.IndexDeleteRequest(space=space, ids=[ids[p] for p in positions]), timeout=timeout
                 )
             except grpc.aio.AioRpcError as error:
-                raise self._shard_error(shard, "Delete", error) from None
+                raise self._shard_error(shard, "Delete", error).moved("ids", positions, "ids") from None
 
         answers = await _all(send(number, positions) for number, positions in owned.items())
         return sum(answer.deleted for answer in answers), sum(answer.not_found for answer in answers)
@@ -302,7 +303,7 @@ class ShardSet:
     @staticmethod
     def _shard_error(shard: Shard, method: str, error: grpc.aio.AioRpcError) -> ServiceError:
         if error.code() in _CALLER_ERRORS:
-            return ServiceError(error.details() or "", error.code())
+            return relayed(error, f"index shard {shard.address}")
         shard.failed(method, error)
         return Unavailable(
             f"index shard {shard.address} did not complete {method} ({error.code().name}: {error.details()}); "

@@ -1,6 +1,6 @@
 """Run the image worker: python -m services.image (settings: IMAGE_* and CLIP_* environment variables)."""
 
-from services.common.worker import run_worker
+from services.encoder.worker import run_worker
 from services.image.backends import build_backends
 from services.image.settings import ImageSettings
 

@@ -35,28 +35,33 @@ def decode_image(data: bytes, index: int, limits: ImageLimits, draft_side: int =
     """
     field = f"inputs[{index}].image"
     if not data:
-        raise InvalidArgument(f"{field} is empty (0 bytes); send the bytes of a {', '.join(FORMATS)} file")
+        raise InvalidArgument(
+            f"is empty (0 bytes); send the bytes of a {', '.join(FORMATS)} file", field=field
+        )
     if len(data) > limits.max_bytes:
         raise InvalidArgument(
-            f"{field} is {len(data)} bytes; the limit is {limits.max_bytes} (IMAGE_MAX_IMAGE_BYTES): "
-            "send a smaller or more compressed image"
+            f"is {len(data)} bytes; the limit is {limits.max_bytes} (IMAGE_MAX_IMAGE_BYTES): "
+            "send a smaller or more compressed image",
+            field=field,
         )
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise InvalidArgument(
-            f"{field} is not a readable image ({type(error).__name__}); send a {', '.join(FORMATS)} file"
+            f"is not a readable image ({type(error).__name__}); send a {', '.join(FORMATS)} file", field=field
         ) from None
     width, height = image.size
     if width * height > limits.max_pixels:
         raise InvalidArgument(
-            f"{field} is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels} pixels "
-            "(IMAGE_MAX_IMAGE_PIXELS): send a downscaled image"
+            f"is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels} pixels "
+            "(IMAGE_MAX_IMAGE_PIXELS): send a downscaled image",
+            field=field,
         )
     if width < 1 or height < 1 or max(width, height) / min(width, height) > limits.max_aspect_ratio:
         raise InvalidArgument(
-            f"{field} is {width}x{height}; the longest side may be at most {limits.max_aspect_ratio:g} times "
-            "the shortest (IMAGE_MAX_ASPECT_RATIO): crop it first"
+            f"is {width}x{height}; the longest side may be at most {limits.max_aspect_ratio:g} times "
+            "the shortest (IMAGE_MAX_ASPECT_RATIO): crop it first",
+            field=field,
         )
     if draft_side and image.format in ("JPEG", "MPO") and min(width, height) >= 4 * draft_side:
         scale = 2 * draft_side / min(width, height)
@@ -66,7 +71,8 @@ def decode_image(data: bytes, index: int, limits: ImageLimits, draft_side: int =
         return _to_rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise InvalidArgument(
-            f"{field} could not be decoded ({type(error).__name__}: {error}); the file is truncated or corrupt"
+            f"could not be decoded ({type(error).__name__}: {error}); the file is truncated or corrupt",
+            field=field,
         ) from None
 
 

@@ -3,7 +3,7 @@
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ClipSettings, WorkerSettings
+from services.encoder.settings import ClipSettings, WorkerSettings
 
 
 class ImageSettings(WorkerSettings):

@@ -6,10 +6,10 @@ import socket
 import grpc
 from embeddings.v1 import index_pb2, index_pb2_grpc
 
-from services.common.index.service import IndexService
-from services.common.index.store import IndexStore
 from services.common.server import serve
+from services.index.service import IndexService
 from services.index.settings import ShardSettings
+from services.index.store import IndexStore
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Run the text worker: python -m services.text (settings: TEXT_* and CLIP_* environment variables)."""
 
-from services.common.worker import run_worker
+from services.encoder.worker import run_worker
 from services.text.backends import build_backends
 from services.text.settings import TextSettings
 

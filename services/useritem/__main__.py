@@ -2,14 +2,15 @@
 
 import asyncio
 import logging
-import os
 
 import grpc
-from embeddings.v1 import encoder_pb2, encoder_pb2_grpc, recommender_pb2, recommender_pb2_grpc
+from embeddings.v1 import recommender_pb2, recommender_pb2_grpc
 
 from services.common.server import serve
+from services.encoder.service import EncoderService
+from services.encoder.worker import configure_torch, register_encoder
 from services.useritem.catalog import Catalog
-from services.useritem.encoding import UserItemEncoder
+from services.useritem.encoding import TrainedVersions
 from services.useritem.fitting import Fitter
 from services.useritem.service import RecommenderService
 from services.useritem.settings import UserItemSettings
@@ -20,21 +21,20 @@ log = logging.getLogger("useritem")
 
 def main() -> None:
     settings = UserItemSettings()
-    import torch
-
-    torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
+    configure_torch(settings)
     store = ModelStore(settings.data_dir, settings.keep_versions)
     catalog = Catalog(settings.default_model)
     fitter = Fitter(catalog, store, settings)
     recommender = RecommenderService(catalog, fitter, settings)
-    encoder = UserItemEncoder(catalog, settings.max_inputs_per_request)
+    encoder = EncoderService(
+        TrainedVersions(catalog), settings.max_inputs_per_request, settings.stream_window
+    )
 
     def register(server: grpc.aio.Server) -> list[str]:
         recommender_pb2_grpc.add_RecommenderServicer_to_server(recommender, server)
-        encoder_pb2_grpc.add_EncoderServicer_to_server(encoder, server)
         return [
             recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name,
-            encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name,
+            register_encoder(encoder, server),
         ]
 
     async def startup() -> None:

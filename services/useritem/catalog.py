@@ -4,9 +4,7 @@ another."""
 
 import re
 
-import grpc
-
-from services.common.errors import InvalidArgument, NotFound, ServiceError
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.useritem.model import TrainedModel
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -40,10 +38,9 @@ class Catalog:
             return model
         served = ", ".join(sorted(self._models)) or "none yet"
         if not name:
-            raise ServiceError(
+            raise FailedPrecondition(
                 f"the default model {self.default!r} has not been trained yet (models here: {served}); "
-                "call Fit first",
-                grpc.StatusCode.FAILED_PRECONDITION,
+                "call Fit first"
             )
         raise InvalidArgument(
             f"unknown model {name!r}; models here: {served} (Fit with model={name!r} trains it)"
@@ -52,22 +49,23 @@ class Catalog:
 
 def user_row(model: TrainedModel, user_id: str, field: str = "user_id") -> int:
     if not user_id:
-        raise InvalidArgument(f"{field} is empty")
+        raise InvalidArgument("is empty", field=field)
     row = model.user_index.get(user_id)
     if row is None:
         raise NotFound(
-            f"{field} {user_id!r} is not a user of model {model.name!r} (version {model.version}); "
-            "FoldIn makes a vector for a new user from a few interactions"
+            f"{user_id!r} is not a user of model {model.name!r} (version {model.version}); "
+            "FoldIn makes a vector for a new user from a few interactions",
+            field=field,
         )
     return row
 
 
 def item_row(model: TrainedModel, item_id: str, field: str = "item_id") -> int:
     if not item_id:
-        raise InvalidArgument(f"{field} is empty")
+        raise InvalidArgument("is empty", field=field)
     row = model.item_index.get(item_id)
     if row is None:
         raise NotFound(
-            f"{field} {item_id!r} is not an item of model {model.name!r} (version {model.version})"
+            f"{item_id!r} is not an item of model {model.name!r} (version {model.version})", field=field
         )
     return row

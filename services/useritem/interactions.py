@@ -83,16 +83,17 @@ class InteractionBuffer:
 
 def check_id(value: str, limit: int, field: str) -> None:
     if not value:
-        raise InvalidArgument(f"{field} is empty; every interaction needs a user_id and an item_id")
+        raise InvalidArgument("is empty; every interaction needs a user_id and an item_id", field=field)
     if len(value.encode()) > limit:
-        raise InvalidArgument(f"{field} is longer than {limit} bytes (USERITEM_MAX_ID_BYTES)")
+        raise InvalidArgument(f"is longer than {limit} bytes (USERITEM_MAX_ID_BYTES)", field=field)
 
 
 def check_rating(value: float, low: float, high: float, field: str) -> None:
     if not np.isfinite(value) or not low <= value <= high:
         raise InvalidArgument(
-            f"{field} is {value}, outside the rating scale [{low:g}, {high:g}]; fix the rating, or declare "
-            "the scale in the first FitRequest (rating_min, rating_max)"
+            f"is {value}, outside the rating scale [{low:g}, {high:g}]; fix the rating, or declare "
+            "the scale in the first FitRequest (rating_min, rating_max)",
+            field=field,
         )
 
 

@@ -12,8 +12,8 @@ from functools import cached_property
 import numpy as np
 from embeddings.v1 import types_pb2 as pb
 
-from services.common.backend import ModelCard
-from services.common.index.engines import exact_top_k
+from services.common.model_card import ModelCard
+from services.common.topk import exact_top_k
 
 Ranked = tuple[np.ndarray, np.ndarray]  # item rows, scores; best first
 

@@ -12,7 +12,7 @@ from embeddings.v1 import recommender_pb2_grpc as rec_grpc
 from embeddings.v1 import types_pb2 as pb
 
 from services.common.errors import InvalidArgument, NotFound
-from services.common.index.service import check_k
+from services.common.topk import check_k
 from services.common.vectors import to_wire
 from services.useritem.catalog import Catalog, item_row, user_row
 from services.useritem.fitting import Fitter
@@ -92,7 +92,7 @@ class RecommenderService(rec_grpc.RecommenderServicer):
         for index, interaction in enumerate(interactions):
             field = f"interactions[{index}]"
             if not interaction.item_id:
-                raise InvalidArgument(f"{field}.item_id is empty")
+                raise InvalidArgument("is empty", field=f"{field}.item_id")
             row = model.item_index.get(interaction.item_id)
             if row is None:
                 unknown.append(interaction.item_id)

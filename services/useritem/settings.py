@@ -3,10 +3,13 @@
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ServiceSettings
+from services.encoder.settings import EncoderSettings
 
 
-class UserItemSettings(ServiceSettings):
+class UserItemSettings(EncoderSettings):
+    """The Encoder settings every worker has (with defaults of its own: ids are cheap to look up, training
+    gains nothing from more threads), plus training, serving and storage."""
+
     model_config = SettingsConfigDict(env_prefix="USERITEM_", extra="ignore")
 
     port: int = Field(50063, description="gRPC port.")

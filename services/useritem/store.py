@@ -18,21 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common.index.wal import fsync_dir
+from services.common.durable import fsync_dir, write_synced
 from services.useritem.model import Metrics, TrainedModel
 
 log = logging.getLogger("useritem.store")
 
 _ARRAYS = ("user_vectors", "item_vectors", "user_bias", "item_bias", "seen_offsets", "seen_items")
 _CURRENT = "CURRENT"
-
-
-def _write(path: Path, data: bytes) -> str:
-    with path.open("wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    return hashlib.sha256(data).hexdigest()
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -56,10 +48,10 @@ class ModelStore:
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir()
             sums = {
-                f"{name}.npy": _write(temporary / f"{name}.npy", _npy(getattr(model, name)))
+                f"{name}.npy": write_synced(temporary / f"{name}.npy", _npy(getattr(model, name)))
                 for name in _ARRAYS
             }
-            sums["ids.json"] = _write(
+            sums["ids.json"] = write_synced(
                 temporary / "ids.json", json.dumps({"users": model.users, "items": model.items}).encode()
             )
             meta = {
@@ -74,11 +66,11 @@ class ModelStore:
                 "metrics": dataclasses.asdict(model.metrics),
                 "sha256": sums,
             }
-            _write(temporary / "meta.json", json.dumps(meta, indent=1).encode())
+            write_synced(temporary / "meta.json", json.dumps(meta, indent=1).encode())
             fsync_dir(temporary)
             os.replace(temporary, final)
         pointer = folder / f"{_CURRENT}.tmp"
-        _write(pointer, model.version.encode())
+        write_synced(pointer, model.version.encode())
         os.replace(pointer, folder / _CURRENT)
         fsync_dir(folder)
         self._prune(folder, model.version)

@@ -14,11 +14,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 import torch
 
-from services.common.errors import ServiceError
+from services.common.errors import Cancelled
 from services.useritem.interactions import Dataset
 from services.useritem.model import Metrics, TrainedModel
 
@@ -48,8 +47,8 @@ class EpochReport:
     validation_recall_at_10: float
 
 
-class FitCancelled(ServiceError):
-    code = grpc.StatusCode.CANCELLED
+class FitCancelled(Cancelled):
+    """The Fit's caller went away: training stopped between two steps."""
 
 
 class _Factorisation(torch.nn.Module):

@@ -448,6 +448,30 @@ CASES: list[Case] = [
         "inputs[2].text is empty",
     ),
     case(
+        "gateway: Upsert with blank text at the caller's items[3], after vector and text items",
+        "gateway",
+        "Gateway/Upsert",
+        lambda c: gw.UpsertRequest(
+            space="minilm",
+            items=[
+                gw.UpsertItem(id="remap-0", vector=to_wire(unit(MINILM_DIM, 1))),
+                gw.UpsertItem(id="remap-1", input=pb.Input(text="a kettle on a stove")),
+                gw.UpsertItem(id="remap-2", vector=to_wire(unit(MINILM_DIM, 2))),
+                gw.UpsertItem(id="remap-3", input=pb.Input(text="  ")),
+            ],
+        ),
+        INVALID,
+        "items[3].text is empty",
+    ),
+    case(
+        "gateway: Similarity with a blank candidate at the caller's index 2",
+        "gateway",
+        "Gateway/Similarity",
+        lambda c: gw.SimilarityRequest(queries=texts("a cat"), candidates=texts("a dog", "a bird", "\n")),
+        INVALID,
+        "candidates[2].text is empty",
+    ),
+    case(
         "text: empty text",
         "text",
         "Encoder/Encode",

@@ -1,4 +1,4 @@
-"""The container health check (python -m services.common.healthcheck) and the plaintext health port
+"""The container health check (python -m services.healthcheck) and the plaintext health port
 (*_HEALTH_PORT), against real index shards (the fastest service to start): a plaintext shard, a TLS-only
 shard whose probes go to its health port, and what that port says while a shard drains after SIGTERM."""
 
@@ -29,11 +29,11 @@ INDEX_SERVICE = index_pb2.DESCRIPTOR.services_by_name["Index"].full_name
 
 
 def healthcheck(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`python -m services.common.healthcheck index` with exactly these INDEX_* variables (as in a container
+    """`python -m services.healthcheck index` with exactly these INDEX_* variables (as in a container
     whose environment is the shard's)."""
     clean = {name: value for name, value in os.environ.items() if not name.upper().startswith("INDEX_")}
     return subprocess.run(
-        [sys.executable, "-m", "services.common.healthcheck", "index", "--timeout-s", "2"],
+        [sys.executable, "-m", "services.healthcheck", "index", "--timeout-s", "2"],
         cwd=ROOT,
         env={**clean, **env},
         capture_output=True,

@@ -22,9 +22,9 @@ from embeddings.v1 import index_pb2 as idx
 from embeddings.v1 import types_pb2 as pb
 
 from harness.processes import RedisServer, Service, free_port, gateway, health_status, index_shard, running
-from services.common.index.records import Item, Op, encode
 from services.common.vectors import to_wire
 from services.gateway.sharding import shard_of
+from services.index.records import Item, Op, encode
 from tests.clip_checkpoint import TinyClip
 from tests.image_files import photo
 

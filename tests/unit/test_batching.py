@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client import REGISTRY
 
-from services.common.batching import MicroBatcher
 from services.common.errors import DeadlineExceeded, ResourceExhausted
+from services.encoder.batching import MicroBatcher
 
 POISON = -1
 

@@ -8,8 +8,10 @@ import numpy as np
 from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import types_pb2 as pb
 
-from services.common.backend import EncoderBackend, ModelCard, Prepared
-from services.common.encoder_service import BatchLimits, EncoderService
+from services.common.model_card import ModelCard
+from services.encoder.backend import EncoderBackend, Prepared
+from services.encoder.models import BatchLimits, LoadedModels
+from services.encoder.service import EncoderService
 
 
 class _Backend(EncoderBackend):
@@ -37,10 +39,12 @@ async def test_list_models_is_empty_until_every_model_has_loaded() -> None:
     ready, held = threading.Event(), threading.Event()
     ready.set()
     service = EncoderService(
-        [_Backend("first", ready), _Backend("second", held)],
-        BatchLimits(
-            max_inputs_per_request=8, max_batch_size=8, max_wait_s=0.001, max_queue=64, stream_window=2
+        LoadedModels(
+            [_Backend("first", ready), _Backend("second", held)],
+            BatchLimits(max_batch_size=8, max_wait_s=0.001, max_queue=64),
         ),
+        max_inputs_per_request=8,
+        stream_window=2,
     )
     starting = asyncio.create_task(service.start())
     try:

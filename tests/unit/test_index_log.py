@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.common.index import wal
-from services.common.index.records import Item, Op, decode_all, encode
-from services.common.index.wal import AppendLog
+from services.index import wal
+from services.index.records import Item, Op, decode_all, encode
+from services.index.wal import AppendLog
 
 
 def _unit(seed: int, dim: int = 8) -> np.ndarray:

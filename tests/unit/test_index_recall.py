@@ -4,7 +4,7 @@ low-dimensional structure to exploit). The default ANN engine must keep recall@1
 import numpy as np
 import pytest
 
-from services.common.index.engines import EngineConfig, ExactEngine
+from services.index.engines import EngineConfig, ExactEngine
 
 _ROWS, _DIM, _QUERIES, _K = 50_000, 384, 50, 10
 

@@ -14,10 +14,10 @@ from embeddings.v1 import index_pb2 as idx
 from embeddings.v1 import types_pb2 as pb
 
 from services.common.errors import InvalidArgument, ServiceError
-from services.common.index.service import IndexService
-from services.common.index.settings import IndexSettings
-from services.common.index.store import IndexStore
 from services.common.vectors import to_wire
+from services.index.service import IndexService
+from services.index.settings import IndexSettings
+from services.index.store import IndexStore
 
 _CONTEXT: Any = None  # the servicer never touches its context
 _DIM = 8

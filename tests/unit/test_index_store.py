@@ -12,10 +12,10 @@ import pytest
 from embeddings.v1 import types_pb2 as pb
 
 from services.common.errors import InvalidArgument
-from services.common.index import space as space_module
-from services.common.index.records import Item, Op
-from services.common.index.settings import IndexSettings
-from services.common.index.store import IndexStore
+from services.index import space as space_module
+from services.index.records import Item, Op
+from services.index.settings import IndexSettings
+from services.index.store import IndexStore
 
 OpenStore = Callable[[IndexSettings], Awaitable[IndexStore]]
 # What a space holds, as a test compares it: id -> (vector, kind, payload, model ref).

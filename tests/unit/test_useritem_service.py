@@ -20,8 +20,9 @@ from embeddings.v1 import types_pb2 as pb
 
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError
 from services.common.vectors import from_wire
+from services.encoder.service import EncoderService
 from services.useritem.catalog import Catalog
-from services.useritem.encoding import UserItemEncoder
+from services.useritem.encoding import TrainedVersions
 from services.useritem.fitting import Fitter
 from services.useritem.model import TrainedModel
 from services.useritem.service import RecommenderService
@@ -29,7 +30,15 @@ from services.useritem.settings import UserItemSettings
 from services.useritem.store import ModelStore
 from tests.unit.useritem_data import Planted, one_torch_thread, planted
 
-_CONTEXT: Any = None  # the servicers never touch their context
+
+class _Context:
+    """What the servicers read of their context: no deadline."""
+
+    def time_remaining(self) -> None:
+        return None
+
+
+_CONTEXT: Any = _Context()
 _CHUNK = 1000  # interactions per FitRequest
 
 
@@ -47,7 +56,7 @@ class Worker:
     catalog: Catalog
     fitter: Fitter
     service: RecommenderService
-    encoder: UserItemEncoder
+    encoder: EncoderService
 
     @property
     def models(self) -> Path:
@@ -94,7 +103,7 @@ def _worker(root: Path, **overrides: Any) -> Worker:
         catalog,
         fitter,
         RecommenderService(catalog, fitter, settings),
-        UserItemEncoder(catalog, settings.max_inputs_per_request),
+        EncoderService(TrainedVersions(catalog), settings.max_inputs_per_request, settings.stream_window),
     )
 
 

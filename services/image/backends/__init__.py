@@ -1,6 +1,6 @@
 """Image model backends; `build_backends` picks them from the settings."""
 
-from services.common.backend import EncoderBackend
+from services.encoder.backend import EncoderBackend
 from services.image.backends.clip_image import ClipImageBackend
 from services.image.backends.efficientnet_lite import EfficientNetLiteBackend
 from services.image.backends.label_space import LabelSpaceBackend

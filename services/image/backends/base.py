@@ -10,8 +10,8 @@ import torch
 from embeddings.v1 import types_pb2 as pb
 from PIL import Image
 
-from services.common.backend import EncoderBackend, Prepared
 from services.common.errors import InvalidArgument
+from services.encoder.backend import EncoderBackend, Prepared
 from services.image.decoding import ImageLimits, decode_image
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -30,7 +30,9 @@ class ImageBackend(EncoderBackend):
         prepared = []
         for index, item in enumerate(inputs):
             if item.WhichOneof("content") != "image":
-                raise InvalidArgument(f"inputs[{index}] is not an image; this model accepts images only")
+                raise InvalidArgument(
+                    "is not an image; this model accepts images only", field=f"inputs[{index}]"
+                )
             picture = decode_image(item.image, index, self._limits, draft_side=self.input_side)
             prepared.append(Prepared(self.transform(picture)))
         return prepared

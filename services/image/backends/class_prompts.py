@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common.weights import content_version
+from services.encoder.weights import content_version
 
 log = logging.getLogger("class_prompts")
 

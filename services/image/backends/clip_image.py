@@ -4,9 +4,9 @@ text worker's CLIP text tower: both write into one space."""
 import torch
 from embeddings.v1 import types_pb2 as pb
 
-from services.common.backend import ModelCard
-from services.common.clip import load_clip, tower_card
-from services.common.settings import ClipSettings
+from services.common.model_card import ModelCard
+from services.encoder.clip import load_clip, tower_card
+from services.encoder.settings import ClipSettings
 from services.image.backends.base import ImageBackend
 from services.image.decoding import ImageLimits
 

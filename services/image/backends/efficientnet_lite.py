@@ -10,8 +10,8 @@ import torch
 from embeddings.v1 import types_pb2 as pb
 from torchvision import transforms
 
-from services.common.backend import ModelCard
-from services.common.weights import content_version
+from services.common.model_card import ModelCard
+from services.encoder.weights import content_version
 from services.image.backends.base import ImageBackend
 from services.image.decoding import ImageLimits
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from embeddings.v1 import types_pb2 as pb
 
-from services.common.backend import ModelCard
+from services.common.model_card import ModelCard
 from services.image.backends.base import ImageBackend
 from services.image.backends.class_prompts import (
     class_prompt_embeddings,

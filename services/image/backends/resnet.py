@@ -11,8 +11,8 @@ from embeddings.v1 import types_pb2 as pb
 from torch import nn
 from torchvision import models
 
-from services.common.backend import ModelCard
-from services.common.weights import content_version
+from services.common.model_card import ModelCard
+from services.encoder.weights import content_version
 from services.image.backends.base import ImageBackend
 from services.image.decoding import ImageLimits
 

@@ -1,6 +1,6 @@
 """Text model backends; `build_backends` picks them from the settings."""
 
-from services.common.backend import EncoderBackend
+from services.encoder.backend import EncoderBackend
 from services.text.backends.clip_text import ClipTextBackend
 from services.text.backends.sentence_transformer import SentenceTransformerBackend
 from services.text.settings import TextSettings

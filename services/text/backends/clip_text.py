@@ -7,9 +7,10 @@ import numpy as np
 import torch
 from embeddings.v1 import types_pb2 as pb
 
-from services.common.backend import EncoderBackend, ModelCard, Prepared
-from services.common.clip import load_clip, tower_card
-from services.common.settings import ClipSettings
+from services.common.model_card import ModelCard
+from services.encoder.backend import EncoderBackend, Prepared
+from services.encoder.clip import load_clip, tower_card
+from services.encoder.settings import ClipSettings
 from services.text.backends.text_inputs import texts_of, too_long
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 from embeddings.v1 import types_pb2 as pb
 
-from services.common.backend import EncoderBackend, ModelCard, Prepared
-from services.common.weights import content_version
+from services.common.model_card import ModelCard
+from services.encoder.backend import EncoderBackend, Prepared
+from services.encoder.weights import content_version
 from services.text.backends.text_inputs import texts_of, too_long
 
 

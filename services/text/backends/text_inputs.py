@@ -12,13 +12,17 @@ def texts_of(inputs: Sequence[pb.Input], model_id: str, max_chars: int) -> list[
     texts = []
     for index, item in enumerate(inputs):
         if item.WhichOneof("content") != "text":
-            raise InvalidArgument(f"inputs[{index}] is not text; model {model_id!r} accepts text only")
+            raise InvalidArgument(
+                f"is not text; model {model_id!r} accepts text only", field=f"inputs[{index}]"
+            )
         if not item.text.strip():
-            raise InvalidArgument(f"inputs[{index}].text is empty; send at least one non-blank character")
+            raise InvalidArgument(
+                "is empty; send at least one non-blank character", field=f"inputs[{index}].text"
+            )
         if len(item.text) > max_chars:
             raise InvalidArgument(
-                f"inputs[{index}].text has {len(item.text)} characters; the limit is {max_chars} "
-                "(TEXT_MAX_TEXT_CHARS)"
+                f"has {len(item.text)} characters; the limit is {max_chars} (TEXT_MAX_TEXT_CHARS)",
+                field=f"inputs[{index}].text",
             )
         texts.append(item.text)
     return texts
@@ -26,6 +30,7 @@ def texts_of(inputs: Sequence[pb.Input], model_id: str, max_chars: int) -> list[
 
 def too_long(index: int, tokens: int, limit: int, model_id: str) -> InvalidArgument:
     return InvalidArgument(
-        f"inputs[{index}].text is {tokens} tokens; model {model_id!r} takes at most {limit} "
-        "(options.strict is set: unset it to embed the first tokens only)"
+        f"is {tokens} tokens; model {model_id!r} takes at most {limit} "
+        "(options.strict is set: unset it to embed the first tokens only)",
+        field=f"inputs[{index}].text",
     )

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from services.common.errors import InvalidArgument, Unavailable
-from services.common.index import snapshot
-from services.common.index.records import Op, encode
-from services.common.index.settings import IndexSettings
-from services.common.index.space import Found, Space
-from services.common.index.wal import AppendLog
+from services.index import snapshot
+from services.index.records import Op, encode
+from services.index.settings import IndexSettings
+from services.index.space import Found, Space
+from services.index.wal import AppendLog
 
 log = logging.getLogger("index.store")
 
@@ -119,7 +119,8 @@ class IndexStore:
         known = self._dimensions.setdefault(space, dimension)
         if known != dimension:
             raise InvalidArgument(
-                f"{field} has {dimension} dimensions but space {space!r} holds {known}-dimensional vectors"
+                f"has {dimension} dimensions but space {space!r} holds {known}-dimensional vectors",
+                field=field,
             )
 
     async def write(self, ops: list[Op]) -> None:

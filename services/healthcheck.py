@@ -1,4 +1,4 @@
-"""Container health check: python -m services.common.healthcheck SERVICE (gateway, text, image, index, useritem).
+"""Container health check: python -m services.healthcheck SERVICE (gateway, text, image, index, useritem).
 
 Reads the same environment as the service itself, asks its grpc.health.v1 on this host, and exits 0 when
 it is SERVING, 1 otherwise: not serving, not answering, or not askable (a TLS-only port and no

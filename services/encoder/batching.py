@@ -17,8 +17,8 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from services.common import metrics
 from services.common.errors import DeadlineExceeded, ResourceExhausted
+from services.encoder import metrics
 
 T = TypeVar("T")
 R = TypeVar("R")

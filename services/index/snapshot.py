@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from services.common.index.wal import fsync_dir
+from services.common.durable import fsync_dir
 
 _ARRAYS = ("vectors", "kinds", "alive", "models")
 

@@ -4,9 +4,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.common.backend import ModelCard
-from services.common.settings import ClipSettings
-from services.common.weights import content_version
+from services.common.model_card import ModelCard
+from services.encoder.settings import ClipSettings
+from services.encoder.weights import content_version
 
 
 @dataclass

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.common.index.engines import Engine, EngineConfig, ExactEngine, exact_top_k
-from services.common.index.records import Item, Op
+from services.common.topk import exact_top_k
+from services.index.engines import Engine, EngineConfig, ExactEngine
+from services.index.records import Item, Op
 
 # A filter that leaves at most this many rows is searched exactly over just those rows.
 _EXACT_FILTER_ROWS = 20_000

@@ -9,18 +9,10 @@ import logging
 import os
 from pathlib import Path
 
-from services.common.index.records import Op, decode_all
+from services.common.durable import fsync_dir
+from services.index.records import Op, decode_all
 
 log = logging.getLogger("index.wal")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a file created, renamed or removed in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class AppendLog:

@@ -1,84 +1,43 @@
 """The Index gRPC service over one shard's store: checks every request, then writes or searches."""
 
-import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import grpc
-import numpy as np
 from embeddings.v1 import index_pb2 as idx
 from embeddings.v1 import index_pb2_grpc as idx_grpc
 from embeddings.v1 import types_pb2 as pb
 
-from services.common.errors import InvalidArgument, ServiceError
-from services.common.index.records import Item, Op
-from services.common.index.settings import IndexSettings
-from services.common.index.store import IndexStore
+from services.common.errors import InvalidArgument, NotFound
+from services.common.inputs import check_kinds
+from services.common.items import ItemRules
 from services.common.streaming import ordered_pipeline
-from services.common.vectors import from_wire
-
-_KINDS = set(pb.InputKind.values())
-
-
-def check_payload(payload_json: str, limit: int, field: str) -> None:
-    """An item's payload is empty or a JSON object of at most `limit` bytes."""
-    if not payload_json:
-        return
-    size = len(payload_json.encode())
-    if size > limit:
-        raise InvalidArgument(f"{field} is {size} bytes; the limit is {limit} (INDEX_MAX_PAYLOAD_BYTES)")
-    try:
-        payload = json.loads(payload_json)
-    except ValueError as error:
-        raise InvalidArgument(f"{field} is not valid JSON: {error}") from None
-    if not isinstance(payload, dict):
-        raise InvalidArgument(f"{field} must be a JSON object, not {type(payload).__name__}")
-
-
-def check_id(item_id: str, limit: int, field: str) -> None:
-    if not item_id:
-        raise InvalidArgument(f"{field} is empty; every item needs an id")
-    if len(item_id.encode()) > limit:
-        raise InvalidArgument(f"{field} is longer than {limit} bytes (INDEX_MAX_ID_BYTES)")
-
-
-def check_k(k: int, limit: int, variable: str) -> None:
-    if not 1 <= k <= limit:
-        raise InvalidArgument(f"k={k} is out of range; use 1..{limit} ({variable})")
-
-
-def check_kinds(kinds: Sequence[int], field: str) -> None:
-    unknown = [kind for kind in kinds if kind not in _KINDS]
-    if unknown:
-        raise InvalidArgument(f"{field} has unknown InputKind values {unknown}")
-
-
-def unit_vector(vector: pb.Vector, field: str) -> np.ndarray:
-    """A finite, non-zero wire vector scaled to unit length (inner product is then cosine)."""
-    values = from_wire(vector, field)
-    norm = float(np.linalg.norm(values))
-    if norm == 0.0:
-        raise InvalidArgument(f"{field} is all zeros; a zero vector has no direction to search by")
-    return (values / norm).astype(np.float32)
+from services.common.topk import check_k
+from services.common.vectors import unit_vector
+from services.index.records import Item, Op
+from services.index.settings import IndexSettings
+from services.index.store import IndexStore
 
 
 class IndexService(idx_grpc.IndexServicer):
     def __init__(self, store: IndexStore, settings: IndexSettings, shard: str) -> None:
         self._store = store
         self._settings = settings
+        self._items = ItemRules(settings.max_id_bytes, settings.max_payload_bytes, "INDEX_")
         self._shard = shard
 
     def _check_space(self, space: str) -> None:
         if not space:
-            raise InvalidArgument("space is empty; name the space the items belong to")
+            raise InvalidArgument("is empty; name the space the items belong to", field="space")
 
     def _check_count(self, count: int, field: str) -> None:
         limit = self._settings.max_items_per_request
         if count == 0:
-            raise InvalidArgument(f"{field} is empty")
+            raise InvalidArgument("is empty", field=field)
         if count > limit:
             raise InvalidArgument(
-                f"{field} has {count} entries; the limit is {limit} per request (INDEX_MAX_ITEMS_PER_REQUEST): "
-                "split it, or use UpsertStream"
+                f"has {count} entries; the limit is {limit} per request (INDEX_MAX_ITEMS_PER_REQUEST): "
+                "split it, or use UpsertStream",
+                field=field,
             )
 
     def _ops(self, request: idx.IndexUpsertRequest) -> list[Op]:
@@ -90,11 +49,10 @@ class IndexService(idx_grpc.IndexServicer):
         known = dimension = self._store.dimension(request.space)
         for position, item in enumerate(request.items):
             field = f"items[{position}]"
-            check_id(item.id, self._settings.max_id_bytes, f"{field}.id")
-            check_payload(item.payload_json, self._settings.max_payload_bytes, f"{field}.payload_json")
+            self._items.check(item.id, item.payload_json, field)
             check_kinds([item.kind], f"{field}.kind")
             if not item.HasField("vector"):
-                raise InvalidArgument(f"{field}.vector is missing")
+                raise InvalidArgument("is missing", field=f"{field}.vector")
             vector = unit_vector(item.vector, f"{field}.vector")
             if dimension is None:
                 dimension = vector.shape[0]
@@ -104,7 +62,9 @@ class IndexService(idx_grpc.IndexServicer):
                     if known is not None
                     else f"items[0].vector, the first of new space {request.space!r}, has {dimension}"
                 )
-                raise InvalidArgument(f"{field}.vector has {vector.shape[0]} dimensions but {holder}")
+                raise InvalidArgument(
+                    f"has {vector.shape[0]} dimensions but {holder}", field=f"{field}.vector"
+                )
             stored = Item(item.id, vector, item.kind, item.payload_json, item.model.id, item.model.version)
             ops.append(Op(request.space, item.id, stored))
         # Claimed only once every item passed, so a refused request leaves a new space unclaimed (nothing
@@ -136,7 +96,7 @@ class IndexService(idx_grpc.IndexServicer):
         self._check_space(request.space)
         self._check_count(len(request.ids), "ids")
         for position, item_id in enumerate(request.ids):
-            check_id(item_id, self._settings.max_id_bytes, f"ids[{position}]")
+            self._items.check_id(item_id, f"ids[{position}]")
         held = self._store.spaces.get(request.space)
         present = {item_id for item_id in request.ids if held is not None and item_id in held.row_of}
         if present:
@@ -153,13 +113,11 @@ class IndexService(idx_grpc.IndexServicer):
         query = unit_vector(request.query, "query")
         dimension = self._store.dimension(request.space)
         if dimension is None:
-            raise ServiceError(
-                f"space {request.space!r} holds no items on shard {self._shard}", grpc.StatusCode.NOT_FOUND
-            )
+            raise NotFound(f"space {request.space!r} holds no items on shard {self._shard}")
         if query.shape[0] != dimension:
             raise InvalidArgument(
-                f"query has {query.shape[0]} dimensions but space {request.space!r} holds "
-                f"{dimension}-dimensional vectors"
+                f"has {query.shape[0]} dimensions but space {request.space!r} holds {dimension}-dimensional vectors",
+                field="query",
             )
         found = await self._store.search(
             request.space, query, request.k, list(request.filter.kinds), dict(request.filter.payload_equals)

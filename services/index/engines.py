@@ -17,21 +17,9 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from services.common.topk import exact_top_k
+
 Result = tuple[np.ndarray, np.ndarray]  # (rows, scores), best first
-
-
-def exact_top_k(rows: np.ndarray, query: np.ndarray, k: int, selection: np.ndarray | None) -> Result:
-    """Top-k rows of `rows @ query` among the selected ones (selection: a bool mask over the rows)."""
-    scores = rows @ query
-    if selection is not None:
-        scores = np.where(selection, scores, -np.inf)
-        k = min(k, int(selection.sum()))
-    k = min(k, scores.shape[0])
-    if k <= 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-    top = np.argpartition(-scores, k - 1)[:k] if k < scores.shape[0] else np.arange(scores.shape[0])
-    order = top[np.argsort(-scores[top], kind="stable")]
-    return order.astype(np.int64), scores[order].astype(np.float32)
 
 
 def _restrict(params: faiss.SearchParameters, selection: np.ndarray | None) -> np.ndarray | None:

@@ -1,0 +1,117 @@
+"""The gateway, wired in one place: every part it is made of, built from its settings.
+
+`Credentials.from_settings` reads what start-up must check before anything else (TLS files, tokens);
+`Gateway` then builds the backends' channels, the router, the cache, the shard set and the parts that
+serve each call, inside the event loop (gRPC's asyncio channels belong to it).
+"""
+
+from dataclasses import dataclass
+
+import grpc
+from embeddings.v1 import gateway_pb2, gateway_pb2_grpc
+from embeddings.v1 import types_pb2 as pb
+
+from services.common.tls import read_pem
+from services.gateway.auth import BearerAuthInterceptor, Tokens
+from services.gateway.cache import RedisAccess, VectorCache
+from services.gateway.channels import BackendChannels
+from services.gateway.choosing import ModelChooser
+from services.gateway.discovery import SrvDiscovery
+from services.gateway.encoding import CachingEncoder, Encoding
+from services.gateway.indexing import Indexer
+from services.gateway.recommending import Recommendations
+from services.gateway.routing import Router
+from services.gateway.servicer import GatewayService
+from services.gateway.settings import GatewaySettings, addresses
+from services.gateway.sharding import ShardSet
+from services.gateway.similarity import Similarities
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """How the gateway proves itself to its backends and Redis, and the tokens its callers must send."""
+
+    channels: BackendChannels
+    redis: RedisAccess
+    tokens: Tokens
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> "Credentials":
+        """Raises TlsFileError or TokenFileError naming the setting whose file cannot be read."""
+        for setting in ("redis_tls_ca", "redis_tls_cert", "redis_tls_key"):
+            if path := getattr(settings, setting):
+                read_pem(
+                    path, f"GATEWAY_{setting.upper()}"
+                )  # checked now rather than at the first cache call
+        return cls(
+            BackendChannels.from_settings(settings),
+            RedisAccess(
+                settings.redis_password,
+                settings.redis_tls_ca,
+                settings.redis_tls_cert,
+                settings.redis_tls_key,
+            ),
+            Tokens(settings.auth_tokens.split(","), settings.auth_tokens_file),
+        )
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, credentials: Credentials) -> None:
+        self._settings = settings
+        channels = credentials.channels
+        self.router = Router(
+            addresses(settings.workers), settings.model_refresh_s, channels, addresses(settings.useritem)
+        )
+        self.cache = VectorCache(
+            settings.redis_url,
+            settings.cache_ttl_s,
+            settings.redis_timeout_s,
+            settings.redis_retry_s,
+            credentials.redis,
+            cluster=settings.redis_cluster,
+        )
+        if settings.index_shards_srv:  # shard addresses from a Kubernetes headless Service's SRV records
+            discovery = SrvDiscovery(
+                settings.index_shards_srv, settings.index_shard_count, settings.dns_nameserver
+            )
+            self.shards = ShardSet([], channels, discovery)
+        else:
+            self.shards = ShardSet(addresses(settings.index_shards), channels)
+        self.recommendations = Recommendations(settings.useritem, self.router, channels)
+        models = ModelChooser(
+            self.router,
+            {
+                pb.INPUT_KIND_TEXT: settings.default_text_model,
+                pb.INPUT_KIND_IMAGE: settings.default_image_model,
+                pb.INPUT_KIND_USER: settings.default_useritem_model,
+                pb.INPUT_KIND_ITEM: settings.default_useritem_model,
+            },
+        )
+        encoder = CachingEncoder(self.router, self.cache)
+        self.service = GatewayService(
+            self.router,
+            Encoding(models, encoder, settings.max_inputs_per_request),
+            Similarities(models, encoder, settings.max_inputs_per_request),
+            Indexer(self.router, models, encoder, self.shards, settings),
+            self.recommendations,
+            settings,
+        )
+        tokens = credentials.tokens
+        self.interceptors: list[grpc.aio.ServerInterceptor] = (
+            [BearerAuthInterceptor(tokens, settings.auth_health)] if tokens.enabled else []
+        )
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        gateway_pb2_grpc.add_GatewayServicer_to_server(self.service, server)
+        return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
+
+    async def start(self) -> None:
+        """Learn the workers' models (waiting for one encoder worker) and the shards' spaces."""
+        await self.router.start()
+        await self.shards.start(self._settings.model_refresh_s, self._settings.shard_discovery_s)
+
+    async def close(self) -> None:
+        await self.router.close()
+        await self.shards.close()
+        await self.recommendations.close()
+        await self.cache.close()
