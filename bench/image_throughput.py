@@ -21,24 +21,22 @@ Usage: python bench/image_throughput.py [--rounds N] [--seconds S] [--models ID 
 
 import argparse
 import asyncio
-import contextlib
 import io
 import itertools
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from unittest import mock
 
 import grpc
 import numpy as np
+from common import CpuClock, arguments, processes, settings_under
 from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import gateway_pb2_grpc
 from embeddings.v1 import types_pb2 as pb
 
-from harness.processes import gateway, image_worker, new_log_dir, running
+from harness.processes import gateway, image_worker
 from services.encoder.backend import EncoderBackend
 
 BATCH = 32
@@ -108,8 +106,7 @@ def in_process_backend(env: dict[str, str]) -> EncoderBackend:
     from services.image.backends import build_backends
     from services.image.settings import ImageSettings
 
-    with mock.patch.dict(os.environ, env):
-        (backend,) = build_backends(ImageSettings())
+    (backend,) = build_backends(settings_under(ImageSettings, env))
     return backend
 
 
@@ -151,20 +148,18 @@ async def gateway_rate(
     return done / (time.perf_counter() - started)
 
 
-async def measure_model(env: dict[str, str], pool: list[pb.Input], args: argparse.Namespace) -> None:
-    """Start the worker (with `env`) and a cache-off gateway, measure, print the model's table."""
+async def measure_model(name: str, pool: list[pb.Input], args: argparse.Namespace) -> None:
+    """Start the worker serving model `name` and a cache-off gateway, measure, print the model's table."""
     figures: dict[str, list[float]] = {key: [] for key in ("base", "batch-1", "batch-32")}
     cpu_seconds: dict[str, list[float]] = {key: [] for key in ("worker", "gateway", "client")}
     elapsed: list[float] = []
-    log_dir = new_log_dir()
-    with contextlib.ExitStack() as stack:
-        worker = stack.enter_context(running(image_worker(env, log_dir)))
-        plain = stack.enter_context(
-            running(gateway([worker.address], "", {"GATEWAY_METRICS_PORT": "0"}, log_dir))
-        )
+    with processes("image-bench-") as procs:
+        env = {"IMAGE_CACHE_DIR": str(procs.data / "cache"), **MODELS[name](procs.data)}
+        worker = procs.start(image_worker(env, procs.logs))
+        plain = procs.start(gateway([worker.address], "", {"GATEWAY_METRICS_PORT": "0"}, procs.logs))
         backend = in_process_backend(env)
         model = backend.load().id
-        print(f"{model}: worker and gateway logs in {log_dir}", flush=True)
+        print(f"{model}: worker and gateway logs in {procs.logs}", flush=True)
         async with grpc.aio.insecure_channel(plain.address) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
             in_process_rate(backend, pool, 0)  # warm-up: one batch, one request of 32, one per client
@@ -172,13 +167,12 @@ async def measure_model(env: dict[str, str], pool: list[pb.Input], args: argpars
             await gateway_rate(stub, model, pool, 1, CLIENTS, 0)
             for round_ in range(args.rounds):
                 figures["base"].append(in_process_rate(backend, pool, args.seconds))
-                cpu_before = [process.cpu_seconds() for process in (worker, plain)] + [sum(os.times()[:2])]
+                clock = CpuClock({"worker": [worker], "gateway": [plain]})
                 started = time.perf_counter()
                 figures["batch-1"].append(await gateway_rate(stub, model, pool, 1, CLIENTS, args.seconds))
                 elapsed.append(time.perf_counter() - started)
-                cpu_after = [process.cpu_seconds() for process in (worker, plain)] + [sum(os.times()[:2])]
-                for key, before, after in zip(cpu_seconds, cpu_before, cpu_after, strict=True):
-                    cpu_seconds[key].append(after - before)
+                for key, seconds in clock.used().items():
+                    cpu_seconds[key].append(seconds)
                 figures["batch-32"].append(await gateway_rate(stub, model, pool, BATCH, 1, args.seconds))
                 print(
                     f"{model} round {round_ + 1}: "
@@ -211,17 +205,12 @@ async def measure(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(os.cpu_count() or 1)  # as the worker does
     pool = jpeg_pool(POOL_SIZE)
-    with tempfile.TemporaryDirectory(prefix="image-bench-") as tmp:
-        workdir = Path(tmp)
-        for name in args.models:
-            env = {"IMAGE_CACHE_DIR": str(workdir / "cache"), **MODELS[name](workdir)}
-            await measure_model(env, pool, args)
+    for name in args.models:
+        await measure_model(name, pool, args)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arguments(__doc__)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each measurement")
     parser.add_argument(

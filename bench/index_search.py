@@ -5,7 +5,7 @@ but the engine: INDEX_FSYNC=always, ANN engine past INDEX_ANN_THRESHOLD=20000 it
 gateway with no encoder workers and no cache, then, per engine:
 
   load.    --n random unit vectors (seeded standard normal, L2-normalised, --dim dimensions) sent as
-           vectors through one Gateway.UpsertStream in requests of --batch items (default 256, the
+           vectors through one Gateway.UpsertStream in requests of --batch items (default: the
            gateway's per-request limit) into space "bench-<dim>"; wall time and items/s, and the CPU
            seconds of shards, gateway and this process. A shard builds its ANN engine inside an upsert
            once it holds 20000 items and acknowledges that upsert only after, so the load time includes
@@ -36,25 +36,25 @@ import asyncio
 import contextlib
 import os
 import statistics
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
+from common import CpuClock, Rounds, alternating_rounds, arguments, env_pair, memory_mib, processes
 from embeddings.v1 import gateway_pb2 as gw
 from embeddings.v1 import gateway_pb2_grpc, index_pb2_grpc
 from embeddings.v1 import index_pb2 as idx
 from embeddings.v1 import types_pb2 as pb
 
-from harness.processes import Service, gateway, index_shard, new_log_dir, running
+from harness.processes import Service, gateway, index_shard
+from services.gateway.settings import GatewaySettings
 from services.gateway.sharding import shard_of
 
 K = 10
 ANN_THRESHOLD = 20_000  # the shards' default INDEX_ANN_THRESHOLD
-GATEWAY_MAX_ITEMS = 256  # the gateway's default GATEWAY_MAX_INPUTS_PER_REQUEST
 TARGET_P50_MS = 20.0
 TARGET_RECALL = 0.95
 # hnsw builds its graph over the first 20000 items of a shard inside one upsert: about 5 s on 2 idle
@@ -105,14 +105,6 @@ def wire(row: np.ndarray) -> pb.Vector:
     return pb.Vector(data=row.tobytes(), dim=int(row.shape[0]), dtype=pb.DTYPE_FLOAT32)
 
 
-def memory_mib(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of a process, in MiB."""
-    fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
-    )
-    return tuple(int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM"))  # type: ignore[return-value]
-
-
 @dataclass
 class Figures:
     engine: str
@@ -126,17 +118,13 @@ class Figures:
     engines: list[str] = field(default_factory=list)
     rss: list[tuple[float, float]] = field(default_factory=list)  # per shard: (rss, peak) MiB
     gateway_rss: float = 0.0
-    latency: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # path -> p50/p99 -> rounds
-    search_cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # path -> process -> ms/query
+    search: Rounds = field(default_factory=Rounds)  # paths "gateway" and "direct"; groups shards, gateway
     recall_gateway: float = 0.0
     recall_direct: float = 0.0
 
     @property
     def rate(self) -> float:
         return self.n / self.load_s
-
-    def median(self, path: str, key: str) -> float:
-        return statistics.median(self.latency[path][key])
 
 
 async def load(
@@ -191,16 +179,6 @@ async def load(
     figures.switched = switched
 
 
-async def latencies(call: Callable[..., Awaitable[object]], requests: Sequence[object]) -> list[float]:
-    """Milliseconds of each call, made one at a time (hits are checked apart, untimed)."""
-    out = []
-    for request in requests:
-        started = time.perf_counter()
-        await call(request, timeout=30)
-        out.append((time.perf_counter() - started) * 1000)
-    return out
-
-
 def wait_snapshots(data_dirs: list[Path], timeout: float = 300.0) -> float:
     """Wait while any shard is writing a snapshot (a `.tmp-*` folder); returns the seconds waited."""
     started = time.perf_counter()
@@ -236,38 +214,31 @@ async def measure_engine(
     truth = exact_top_k(vectors, truth_queries, K)
     local_rows = np.flatnonzero(owners[:n] == 0)
     truth_local = local_rows[exact_top_k(vectors[local_rows], truth_queries, K)]
-    log_dir = new_log_dir()
-    with tempfile.TemporaryDirectory(prefix=f"index-bench-{engine}-") as tmp, contextlib.ExitStack() as stack:
-        data_dirs = [Path(tmp) / f"shard{number}" for number in range(args.shards)]
+    limit = max(GatewaySettings().max_inputs_per_request, args.batch)  # --batch may be past its default
+    gateway_env = {"GATEWAY_METRICS_PORT": "0", "GATEWAY_MAX_INPUTS_PER_REQUEST": str(limit)}
+    with processes(f"index-bench-{engine}-") as procs:
+        data_dirs = [procs.data / f"shard{number}" for number in range(args.shards)]
         shards: list[Service] = [
-            stack.enter_context(
-                running(
-                    index_shard(
-                        data,
-                        {"INDEX_ANN_ENGINE": engine, "INDEX_SHARD_NAME": f"shard{number}", **args.shard_env},
-                        log_dir,
-                        name=f"index-{number}",
-                    )
+            procs.start(
+                index_shard(
+                    data,
+                    {"INDEX_ANN_ENGINE": engine, "INDEX_SHARD_NAME": f"shard{number}", **args.shard_env},
+                    procs.logs,
+                    name=f"index-{number}",
                 )
             )
             for number, data in enumerate(data_dirs)
         ]
-        router = stack.enter_context(
-            running(
-                gateway(
-                    [],
-                    "",
-                    {
-                        "GATEWAY_METRICS_PORT": "0",
-                        "GATEWAY_MAX_INPUTS_PER_REQUEST": str(max(GATEWAY_MAX_ITEMS, args.batch)),
-                        **gateway_timeouts(engine, args),
-                    },
-                    log_dir,
-                    shards=[shard.address for shard in shards],
-                )
+        router = procs.start(
+            gateway(
+                [],
+                "",
+                {**gateway_env, **gateway_timeouts(engine, args)},
+                procs.logs,
+                shards=[shard.address for shard in shards],
             )
         )
-        print(f"[{engine}] {args.shards} shards and a gateway up; logs in {log_dir}", flush=True)
+        print(f"[{engine}] {args.shards} shards and a gateway up; logs in {procs.logs}", flush=True)
         async with contextlib.AsyncExitStack() as channels:
             gateway_channel = await channels.enter_async_context(grpc.aio.insecure_channel(router.address))
             shard_channels = [
@@ -277,22 +248,14 @@ async def measure_engine(
             stub = gateway_pb2_grpc.GatewayStub(gateway_channel)
             shard_stubs = [index_pb2_grpc.IndexStub(channel) for channel in shard_channels]
 
-            processes = {**{f"shard{i}": shard for i, shard in enumerate(shards)}, "gateway": router}
-            cpu_before = {name: process.cpu_seconds() for name, process in processes.items()}
-            own_before = sum(os.times()[:2])
+            groups = {"shards": shards, "gateway": [router]}
+            clock = CpuClock(groups)
             print(f"[{engine}] loading {n:,} vectors, {args.batch} per request ...", flush=True)
             await load(stub, shard_stubs, space, vectors, args.batch, figures)
-            figures.load_cpu = {
-                "shards": sum(
-                    process.cpu_seconds() - cpu_before[name]
-                    for name, process in processes.items()
-                    if name != "gateway"
-                ),
-                "gateway": router.cpu_seconds() - cpu_before["gateway"],
-                "client": sum(os.times()[:2]) - own_before,
-            }
-            figures.rss = [memory_mib(shard.popen.pid) for shard in shards]  # type: ignore[union-attr]
-            figures.gateway_rss = memory_mib(router.popen.pid)[0]  # type: ignore[union-attr]
+            figures.load_cpu = clock.used()
+            memory = [memory_mib(shard.popen.pid) for shard in shards]  # type: ignore[union-attr]
+            figures.rss = [(usage["VmRSS"], usage["VmHWM"]) for usage in memory]
+            figures.gateway_rss = memory_mib(router.popen.pid)["VmRSS"]  # type: ignore[union-attr]
             for shard_stub in shard_stubs:
                 stats = await shard_stub.Stats(idx.IndexStatsRequest(space=space), timeout=10)
                 figures.counts.append(sum(int(held.count) for held in stats.spaces))
@@ -316,32 +279,7 @@ async def measure_engine(
                 "gateway": (stub.Search, gateway_requests),
                 "direct": (shard_stubs[0].Search, direct_requests),
             }
-            for call, requests in paths.values():  # warm-up
-                await latencies(call, requests[:20])
-            figures.latency = {path: {"p50": [], "p99": []} for path in paths}
-            figures.search_cpu = {path: {"shards": [], "gateway": []} for path in paths}
-            for round_ in range(args.rounds):
-                order = list(paths) if round_ % 2 == 0 else list(reversed(paths))
-                for path in order:
-                    call, requests = paths[path]
-                    cpu_before = {name: process.cpu_seconds() for name, process in processes.items()}
-                    times = await latencies(call, requests)
-                    cpu = {
-                        name: process.cpu_seconds() - cpu_before[name] for name, process in processes.items()
-                    }
-                    figures.latency[path]["p50"].append(float(np.percentile(times, 50)))
-                    figures.latency[path]["p99"].append(float(np.percentile(times, 99)))
-                    figures.search_cpu[path]["gateway"].append(cpu.pop("gateway") * 1000 / len(requests))
-                    figures.search_cpu[path]["shards"].append(sum(cpu.values()) * 1000 / len(requests))
-                print(
-                    f"[{engine}] round {round_ + 1}: "
-                    + ", ".join(
-                        f"{path} p50 {figures.latency[path]['p50'][-1]:.2f} ms p99 "
-                        f"{figures.latency[path]['p99'][-1]:.2f} ms"
-                        for path in paths
-                    ),
-                    flush=True,
-                )
+            figures.search = await alternating_rounds(paths, args.rounds, groups, 20, f"[{engine}] ")
 
             found_gateway, found_direct = [], []
             for gateway_request, direct_request in zip(
@@ -377,10 +315,10 @@ def report(results: list[Figures], args: argparse.Namespace) -> None:
         )
         print(f"  direct-shard recall@{K} (shard0 vs exact over its own items): {figures.recall_direct:.3f}")
         for path, label in (("gateway", "gateway search"), ("direct", "direct shard0 search")):
-            cpu_ms = {key: statistics.median(values) for key, values in figures.search_cpu[path].items()}
+            cpu_ms = figures.search.cpu_median(path)
             print(
                 f"  CPU per {label}: shards {cpu_ms['shards']:.1f} ms, gateway {cpu_ms['gateway']:.1f} ms "
-                f"(p50 latency {figures.median(path, 'p50'):.1f} ms)"
+                f"(p50 latency {figures.search.median(path, 'p50'):.1f} ms)"
             )
     header = (
         f"{'n':>9} {'shards':>6} {'engine':>6} {'load s':>7} {'items/s':>8} {'RSS/shard MiB':>13} "
@@ -388,12 +326,13 @@ def report(results: list[Figures], args: argparse.Namespace) -> None:
     )
     print(f"\n{header}")
     for figures in results:
-        gateway_p50, direct_p50 = figures.median("gateway", "p50"), figures.median("direct", "p50")
+        search = figures.search
+        gateway_p50, direct_p50 = search.median("gateway", "p50"), search.median("direct", "p50")
         print(
             f"{figures.n:>9,} {figures.shards:>6} {figures.engine:>6} {figures.load_s:>7.1f} {figures.rate:>8,.0f} "
             f"{statistics.median(rss for rss, _ in figures.rss):>13,.0f} "
-            f"{gateway_p50:>7.2f} {figures.median('gateway', 'p99'):>7.2f} "
-            f"{direct_p50:>7.2f} {figures.median('direct', 'p99'):>7.2f} "
+            f"{gateway_p50:>7.2f} {search.median('gateway', 'p99'):>7.2f} "
+            f"{direct_p50:>7.2f} {search.median('direct', 'p99'):>7.2f} "
             f"{gateway_p50 / direct_p50:>6.2f}x {figures.recall_gateway:>9.3f}"
         )
     print(
@@ -401,7 +340,7 @@ def report(results: list[Figures], args: argparse.Namespace) -> None:
         f"{'':>7} {'':>7} {'':>7} {f'>={TARGET_RECALL}':>9}"
     )
     for figures in results:
-        p50 = figures.median("gateway", "p50")
+        p50 = figures.search.median("gateway", "p50")
         print(
             f"  {figures.engine} (n={figures.n:,}): gateway p50 {p50:.2f} ms "
             f"{'meets' if p50 <= TARGET_P50_MS else 'MISSES'} <= {TARGET_P50_MS:.0f} ms; recall@{K} "
@@ -449,9 +388,7 @@ async def measure(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arguments(__doc__)
     parser.add_argument("--n", type=int, default=None, help="vectors to index (default 1,000,000)")
     parser.add_argument("--shards", type=int, default=4, help="index shard processes")
     parser.add_argument("--dim", type=int, default=384, help="dimensions")
@@ -459,7 +396,12 @@ def main() -> None:
         "--engines", nargs="+", choices=["sq8", "hnsw"], default=["sq8"], help="ANN engines, one run each"
     )
     parser.add_argument("--hnsw-n", type=int, default=200_000, help="at most this many vectors for hnsw")
-    parser.add_argument("--batch", type=int, default=GATEWAY_MAX_ITEMS, help="items per upsert request")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=GatewaySettings().max_inputs_per_request,
+        help="items per upsert request (default: the gateway's limit, GATEWAY_MAX_INPUTS_PER_REQUEST)",
+    )
     parser.add_argument("--queries", type=int, default=400, help="single searches per latency measurement")
     parser.add_argument("--recall-queries", type=int, default=200, help="queries whose recall is measured")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
@@ -473,6 +415,7 @@ def main() -> None:
     parser.add_argument(
         "--shard-env",
         action="append",
+        type=env_pair,
         default=[],
         metavar="KEY=VALUE",
         help="extra environment of every shard, e.g. OMP_NUM_THREADS=1 (repeatable)",
@@ -483,7 +426,7 @@ def main() -> None:
         help="a fast check: n=100,000 (unless --n), 100 queries, 100 for recall",
     )
     args = parser.parse_args()
-    args.shard_env = dict(pair.split("=", 1) for pair in args.shard_env)
+    args.shard_env = dict(args.shard_env)
     if args.quick:
         args.queries, args.recall_queries = 100, 100
     if args.n is None:

@@ -38,12 +38,10 @@ Usage: python bench/soak.py [--duration-s S] [--rate R] [--mix encode_text=4,enc
 
 import argparse
 import asyncio
-import contextlib
 import io
 import json
 import os
 import random
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -52,6 +50,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from common import CpuClock, arguments, env_pair, memory_mib, percentiles, processes, settings_under
 from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import gateway_pb2 as gw
 from embeddings.v1 import gateway_pb2_grpc
@@ -65,11 +64,10 @@ from harness.processes import (
     gateway,
     image_worker,
     index_shard,
-    new_log_dir,
-    running,
     text_worker,
     useritem_worker,
 )
+from services.gateway.settings import GatewaySettings
 
 K = 10
 KINDS = ("encode_text", "encode_image", "search", "recommend")
@@ -85,7 +83,6 @@ RANK = 8
 RATINGS_PER_USER = 40
 FIT_CHUNK = 5000
 WARMUP_CALLS = 3  # of each kind
-GATEWAY_MAX_ITEMS = 256  # the gateway's default GATEWAY_MAX_INPUTS_PER_REQUEST
 
 ADJECTIVES = (
     "red quiet small old bright wooden busy frozen golden empty tall noisy green sleepy rusty crowded "
@@ -163,18 +160,6 @@ def parse_mix(text: str) -> dict[str, float]:
     return mix
 
 
-def rss_mib(pid: int) -> float | None:
-    """VmRSS of a process in MiB; None once it has exited (a zombie has no VmRSS line)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return None
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return None
-
-
 @dataclass
 class KindStats:
     latencies_ms: list[float] = field(default_factory=list)  # OK calls only
@@ -191,18 +176,14 @@ class KindStats:
 
     def summary(self) -> dict[str, object]:
         """Counts and latency percentiles (None without OK calls)."""
-        times = np.array(self.latencies_ms)
-        percentiles = (
-            {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
-            if len(times)
-            else {"p50_ms": None, "p99_ms": None}
-        )
+        times = self.latencies_ms
+        latency = percentiles(times) if times else dict.fromkeys(("p50", "p99"))
         return {
             "count": self.count,
             "ok": len(times),
             "errors": dict(self.errors),
-            **percentiles,
-            "max_ms": float(times.max()) if len(times) else None,
+            **{f"{key}_ms": value for key, value in latency.items()},
+            "max_ms": max(times) if times else None,
             "cached": self.cached,
         }
 
@@ -329,8 +310,9 @@ async def prepare(stub: gateway_pb2_grpc.GatewayStub, inputs: Inputs, args: argp
         gw.UpsertItem(id=f"caption-{number}", input=pb.Input(text=sentence(rng)))
         for number in range(args.captions)
     ]
-    for start in range(0, len(captions), GATEWAY_MAX_ITEMS):
-        request = gw.UpsertRequest(space=SPACE, items=captions[start : start + GATEWAY_MAX_ITEMS])
+    limit = settings_under(GatewaySettings, args.env).max_inputs_per_request
+    for start in range(0, len(captions), limit):
+        request = gw.UpsertRequest(space=SPACE, items=captions[start : start + limit])
         await stub.Upsert(request, timeout=300)
     pictures = [
         gw.UpsertItem(id=f"photo-{name}", input=pb.Input(image=jpeg(picture)))
@@ -383,8 +365,8 @@ def take_sample(pids: dict[str, int], run: Run, started: float) -> Sample:
         issued=run.issued,
         completed=run.completed,
         errors=run.errors,
-        rss_mib={name: rss_mib(pid) for name, pid in pids.items()},
-        p99_ms={kind: float(np.percentile(times, 99)) if times else None for kind, times in recent.items()},
+        rss_mib={name: memory_mib(pid).get("VmRSS") for name, pid in pids.items()},
+        p99_ms={kind: percentiles(times)["p99"] if times else None for kind, times in recent.items()},
     )
     run.samples.append(sample)
     return sample
@@ -539,35 +521,30 @@ def report(run: Run, args: argparse.Namespace) -> None:
 
 
 async def soak(args: argparse.Namespace) -> None:
-    log_dir = new_log_dir()
-    with tempfile.TemporaryDirectory(prefix="soak-") as tmp, contextlib.ExitStack() as stack:
-        data = Path(tmp)
+    with processes("soak-") as procs:
+        data, logs = procs.data, procs.logs
         print(
-            f"starting redis, 2 encoder workers, 2 index shards, a user-item worker and a gateway; logs in {log_dir}",
+            f"starting redis, 2 encoder workers, 2 index shards, a user-item worker and a gateway; logs in {logs}",
             flush=True,
         )
         started = time.perf_counter()
         env = args.env
-        redis = stack.enter_context(running(RedisServer(log_dir=log_dir)))
-        text = stack.enter_context(running(text_worker(env, log_dir)))
-        image = stack.enter_context(running(image_worker(env, log_dir)))
+        redis = procs.start(RedisServer(log_dir=logs))
+        text = procs.start(text_worker(env, logs))
+        image = procs.start(image_worker(env, logs))
         shards = [
-            stack.enter_context(
-                running(index_shard(data / f"index-{number}", env, log_dir, name=f"index-{number}"))
-            )
+            procs.start(index_shard(data / f"index-{number}", env, logs, name=f"index-{number}"))
             for number in range(2)
         ]
-        useritem = stack.enter_context(running(useritem_worker(data / "useritem", env, log_dir)))
-        router = stack.enter_context(
-            running(
-                gateway(
-                    [text.address, image.address],
-                    redis.url,
-                    env,
-                    log_dir,
-                    shards=[shard.address for shard in shards],
-                    useritem=useritem.address,
-                )
+        useritem = procs.start(useritem_worker(data / "useritem", env, logs))
+        router = procs.start(
+            gateway(
+                [text.address, image.address],
+                redis.url,
+                env,
+                logs,
+                shards=[shard.address for shard in shards],
+                useritem=useritem.address,
             )
         )
         print(f"all serving after {time.perf_counter() - started:.1f} s", flush=True)
@@ -585,8 +562,7 @@ async def soak(args: argparse.Namespace) -> None:
             inputs = Inputs(args.seed, args.users, photos())
             await prepare(stub, inputs, args)
             run = Run()
-            cpu_before = {name: process.cpu_seconds() for name, process in services.items()}
-            client_before = sum(os.times()[:2])
+            clock = CpuClock({name: [process] for name, process in services.items()})
             print(
                 f"load: {args.duration_s:g} s at {args.rate:g} calls/s, a progress line every {args.sample_s:g} s",
                 flush=True,
@@ -600,18 +576,13 @@ async def soak(args: argparse.Namespace) -> None:
                 task = asyncio.current_task()
                 assert task is not None
                 task.uncancel()
-            for name, process in services.items():
-                if process.running():
-                    run.cpu_s[name] = process.cpu_seconds() - cpu_before[name]
-            run.cpu_s["client"] = sum(os.times()[:2]) - client_before
+            run.cpu_s = clock.used()  # of the processes still running, and this one
         report(run, args)
     print("stopped every process", flush=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arguments(__doc__)
     parser.add_argument("--duration-s", type=float, default=600.0, help="length of the load (default 600)")
     parser.add_argument("--rate", type=float, default=20.0, help="calls per second, all kinds (default 20)")
     parser.add_argument(
@@ -629,15 +600,14 @@ def main() -> None:
     parser.add_argument(
         "--env",
         action="append",
+        type=env_pair,
         default=[],
         metavar="KEY=VALUE",
         help="extra environment of every service, e.g. TEXT_TORCH_THREADS=1 (repeatable)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
-    if any("=" not in pair for pair in args.env):
-        parser.error("--env takes KEY=VALUE")
-    args.env = dict(pair.split("=", 1) for pair in args.env)
+    args.env = dict(args.env)
     if not (args.duration_s > 0 and args.rate > 0 and args.deadline_s > 0 and args.sample_s > 0):
         parser.error("--duration-s, --rate, --deadline-s and --sample-s must be > 0")
     if args.captions < K or args.users < 2 or args.items < K + RATINGS_PER_USER:

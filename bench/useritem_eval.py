@@ -8,20 +8,24 @@ Starts redis, one user-item worker (temporary data and fit directories, its USER
 flags override them) and a gateway with no encoder workers and no index shards, then:
 
   fit.      the training ratings (with their timestamps) through one Gateway.Fit stream in messages of
-            --chunk interactions; the wall time of the whole call (upload, numbering, training, saving),
-            the worker's own training seconds, and the epochs and validation figures it reports (the
-            worker holds out USERITEM_VALIDATION_FRACTION of what it is sent to stop early). --fits Fits
-            (default 3; the same data and seed give the same version), the median time reported: on a
-            small shared machine one Fit's time varies a lot.
-  RMSE.     of the held-out ratings: global mean + user bias + item bias + dot(user, item), the vectors
-            from Gateway.Encode (user_id / item_id inputs, normalize=false, float32), the biases and the
-            global mean (which Encode does not return) from the saved model, read from the worker's data
-            directory in this process (read only); the saved vectors are checked equal to Encode's. Pairs
-            whose user or item the model does not know get the global mean plus the known bias (their
-            share is printed). Baselines fitted on the same training ratings: the plain global mean, and
-            global mean + damped user and item biases (alternating damped means; the damping chosen on a
-            90/10 split of the training ratings, never on the test ratings). Predictions clipped to the
-            rating scale [0.5, 5] for all.
+            --chunk interactions; the wall time of the whole call (upload, numbering, training, saving)
+            and the epochs and validation figures it reports (the worker holds out
+            USERITEM_VALIDATION_FRACTION of what it is sent to stop early). --fits Fits (default 3; the
+            same data and seed give the same version), the median time reported: on a small shared
+            machine one Fit's time varies a lot.
+  RMSE.     of the held-out ratings: the model's predictions, global mean + user bias + item bias +
+            dot(user, item), through its API only. The vectors come from Gateway.Encode (user_id /
+            item_id inputs, normalize=false, float32; checked equal to the worker's own Encode).
+            Recommend's scores are those predictions, but the API never gives the mean or a bias alone:
+            one user's ranking of every item (straight from the worker, its USERITEM_MAX_K raised to
+            allow it) less the dots gives mean + that user's bias + each item's bias, and each user's top
+            item gives the user's bias less that user's; with the dot, their sum is the prediction.
+            Pairs whose user or item the model does not know get the biases baseline's prediction (their
+            share is printed): the mean and biases the model itself would fall back on are not in its API.
+            Baselines fitted on the same training ratings: the plain global mean, and global mean +
+            damped user and item biases (alternating damped means; the damping chosen on a 90/10 split of
+            the training ratings, never on the test ratings). Predictions clipped to the rating scale
+            [0.5, 5] for all.
   recall.   recall@10 of each test user with a held-out rating >= 4.0: |top 10 ∩ relevant| /
             min(10, |relevant|), the top 10 from Gateway.Recommend (k=10, items rated in training
             excluded), averaged over users; beside it, in this process, the most-rated training items and
@@ -41,30 +45,25 @@ import asyncio
 import contextlib
 import os
 import statistics
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
 import pandas as pd
+from common import Rounds, alternating_rounds, arguments, env_pair, processes, settings_under
 from embeddings.v1 import encoder_pb2 as enc
-from embeddings.v1 import gateway_pb2_grpc, recommender_pb2_grpc
+from embeddings.v1 import encoder_pb2_grpc, gateway_pb2_grpc, recommender_pb2_grpc
 from embeddings.v1 import recommender_pb2 as rec
 from embeddings.v1 import types_pb2 as pb
 
-from harness.processes import RedisServer, gateway, new_log_dir, running, useritem_worker
-from services.useritem.model import TrainedModel
+from harness.processes import RedisServer, gateway, useritem_worker
+from services.gateway.settings import GatewaySettings
 from services.useritem.settings import UserItemSettings
-from services.useritem.store import ModelStore
 
 K = 10
 RELEVANT = 4.0  # a held-out rating at least this is an item the user liked
 SCALE = (0.5, 5.0)
-ENCODE_BATCH = 256  # the gateway's default GATEWAY_MAX_INPUTS_PER_REQUEST
 DAMPING_GRID = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0)
 BIAS_ROUNDS = 10
 WARMUP = 50
@@ -122,7 +121,6 @@ class Figures:
     settings: dict[str, object] = field(default_factory=dict)
     fit_wall_s: list[float] = field(default_factory=list)  # per Fit
     first_epoch_s: list[float] = field(default_factory=list)
-    worker_train_s: list[float] = field(default_factory=list)
     versions: set[str] = field(default_factory=set)
     epochs_run: int = 0
     best_epoch: int = 0
@@ -140,11 +138,32 @@ class Figures:
     agree_in_process: float = 0.0
     score_max_diff: float = 0.0
     unstable_answers: int = 0
-    latency: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # path -> p50/p99 -> rounds
-    cpu_ms: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # path -> process -> rounds
+    recommend: Rounds = field(default_factory=Rounds)  # paths "gateway" and "direct"; groups worker, gateway
 
-    def median(self, path: str, key: str) -> float:
-        return statistics.median(self.latency[path][key])
+
+@dataclass
+class Served:
+    """The fitted model as its API shows it, over the users and items of the training ratings (the worker
+    learns from every rating it is sent). Recommend's scores are global mean + user bias + item bias +
+    dot(user, item), but the API gives the mean and biases only as such sums: `item_offset` is mean + the
+    bias of user 0 + the item's bias, `user_offset` the user's bias - the bias of user 0, so that `score`,
+    their sum plus the dot, is the model's prediction."""
+
+    user_index: dict[str, int]  # user id -> row, in row order
+    item_index: dict[str, int]
+    user_vectors: np.ndarray  # float32 [users, factors], from Encode
+    item_vectors: np.ndarray  # float32 [items, factors]
+    user_offset: np.ndarray  # float64 [users]
+    item_offset: np.ndarray  # float64 [items]
+
+    def score(self, user_rows: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
+        """Predicted ratings (not clipped) of pairs of rows."""
+        dots = np.einsum(
+            "ij,ij->i",
+            self.user_vectors[user_rows].astype(np.float64),
+            self.item_vectors[item_rows].astype(np.float64),
+        )
+        return self.user_offset[user_rows] + self.item_offset[item_rows] + dots
 
 
 def load_ratings() -> Ratings:
@@ -261,19 +280,53 @@ async def fit(
 
 
 async def encode_all(
-    stub: gateway_pb2_grpc.GatewayStub, model: str, inputs: list[pb.Input], factors: int
+    stub: gateway_pb2_grpc.GatewayStub | encoder_pb2_grpc.EncoderStub,
+    model: str,
+    inputs: list[pb.Input],
+    batch: int,
 ) -> np.ndarray:
-    """Raw float32 vectors of `inputs` from Gateway.Encode, in batches of the gateway's limit."""
+    """Raw float32 vectors of `inputs` from Encode (the gateway's or the worker's), `batch` at a time."""
     options = pb.EncodeOptions(normalize=False, dtype=pb.DTYPE_FLOAT32)
-    out = np.empty((len(inputs), factors), dtype=np.float32)
-    for start in range(0, len(inputs), ENCODE_BATCH):
-        batch = inputs[start : start + ENCODE_BATCH]
-        response = await stub.Encode(
-            enc.EncodeRequest(inputs=batch, model=model, options=options), timeout=30
-        )
-        for row, embedding in enumerate(response.embeddings, start):
-            out[row] = np.frombuffer(embedding.vector.data, dtype="<f4")
-    return out
+    rows = []
+    for start in range(0, len(inputs), batch):
+        request = enc.EncodeRequest(inputs=inputs[start : start + batch], model=model, options=options)
+        response = await stub.Encode(request, timeout=30)
+        rows += [np.frombuffer(embedding.vector.data, dtype="<f4") for embedding in response.embeddings]
+    return np.stack(rows)
+
+
+async def served_model(
+    encoder: gateway_pb2_grpc.GatewayStub,
+    recommender: recommender_pb2_grpc.RecommenderStub,
+    model: str,
+    users: list[str],
+    items: list[str],
+    batch: int,
+) -> Served:
+    """The model's vectors (Encode) and score offsets (Recommend, seen items included)."""
+    user_vectors = await encode_all(encoder, model, [pb.Input(user_id=user) for user in users], batch)
+    item_vectors = await encode_all(encoder, model, [pb.Input(item_id=item) for item in items], batch)
+    user_index = {user: row for row, user in enumerate(users)}
+    item_index = {item: row for row, item in enumerate(items)}
+
+    async def ranked(user: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of a user's top k items and their scores minus the dots."""
+        request = rec.RecommendRequest(model=model, user_id=users[user], k=k, include_seen=True)
+        hits = (await recommender.Recommend(request, timeout=60)).items
+        rows = np.array([item_index[hit.id] for hit in hits], dtype=np.int64)
+        dots = item_vectors[rows].astype(np.float64) @ user_vectors[user].astype(np.float64)
+        return rows, np.array([hit.score for hit in hits]) - dots
+
+    item_offset = np.full(len(items), np.nan)
+    rows, offsets = await ranked(0, len(items))
+    item_offset[rows] = offsets
+    if np.isnan(item_offset).any():
+        raise RuntimeError(f"Recommend ranked {len(rows)} of the model's {len(items)} items")
+    user_offset = np.empty(len(users))
+    for user in range(len(users)):
+        (top,), (offset,) = await ranked(user, 1)
+        user_offset[user] = offset - item_offset[top]
+    return Served(user_index, item_index, user_vectors, item_vectors, user_offset, item_offset)
 
 
 def model_rows(ids: list[str], index: dict[str, int], codes: np.ndarray) -> np.ndarray:
@@ -282,21 +335,14 @@ def model_rows(ids: list[str], index: dict[str, int], codes: np.ndarray) -> np.n
     return lookup[codes]
 
 
-def predict(
-    model: TrainedModel, user_vectors: np.ndarray, item_vectors: np.ndarray, test: Ratings
-) -> tuple[np.ndarray, np.ndarray]:
-    """Clipped predicted ratings of the test pairs, and which pairs the model knows both ids of."""
+def predict(model: Served, test: Ratings, fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Clipped predicted ratings of the test pairs (`fallback`'s where the model does not know the user or
+    the item), and which pairs the model knows both ids of."""
     u = model_rows(test.users, model.user_index, test.user)
     i = model_rows(test.items, model.item_index, test.item)
-    known_user, known_item = u >= 0, i >= 0
-    both = known_user & known_item
-    predicted = np.full(len(test), model.global_mean, dtype=np.float64)
-    predicted[known_user] += model.user_bias[u[known_user]]
-    predicted[known_item] += model.item_bias[i[known_item]]
-    dots = np.einsum(
-        "ij,ij->i", user_vectors[u[both]].astype(np.float64), item_vectors[i[both]].astype(np.float64)
-    )
-    predicted[both] += dots
+    both = (u >= 0) & (i >= 0)
+    predicted = fallback.copy()
+    predicted[both] = model.score(u[both], i[both])
     return np.clip(predicted, *SCALE), both
 
 
@@ -315,19 +361,6 @@ def recall_of(found: list[set[int]], relevant: list[set[int]]) -> float:
     return float(np.mean([len(f & r) / min(K, len(r)) for f, r in zip(found, relevant, strict=True)]))
 
 
-async def timed(
-    call: Callable[..., Awaitable[rec.RecommendResponse]], requests: Sequence[rec.RecommendRequest]
-) -> tuple[list[float], list[list[str]]]:
-    """Milliseconds of each call, one at a time, and each answer's item ids."""
-    times, answers = [], []
-    for request in requests:
-        started = time.perf_counter()
-        response = await call(request, timeout=30)
-        times.append((time.perf_counter() - started) * 1000)
-        answers.append([hit.id for hit in response.items])
-    return times, answers
-
-
 def worker_environment(args: argparse.Namespace) -> dict[str, str]:
     flags = {
         "USERITEM_FACTORS": args.factors,
@@ -340,13 +373,6 @@ def worker_environment(args: argparse.Namespace) -> dict[str, str]:
         "USERITEM_TORCH_THREADS": args.torch_threads,
     }
     return {**{key: str(value) for key, value in flags.items() if value is not None}, **args.worker_env}
-
-
-def settings_used(env: dict[str, str]) -> dict[str, object]:
-    """The worker's training settings: its defaults (and this environment's USERITEM_*) under `env`."""
-    overrides: dict[str, Any] = {key.removeprefix("USERITEM_").lower(): value for key, value in env.items()}
-    settings = UserItemSettings(**overrides)
-    return {name: getattr(settings, name) for name in SHOWN_SETTINGS}
 
 
 async def evaluate(args: argparse.Namespace) -> Figures:
@@ -379,19 +405,26 @@ async def evaluate(args: argparse.Namespace) -> Figures:
     figures.rmse["biases"] = rmse(baseline_predictions, test.rating)
 
     env = worker_environment(args)
-    figures.settings = settings_used(env)
+    settings = settings_under(UserItemSettings, env)
+    figures.settings = {name: getattr(settings, name) for name in SHOWN_SETTINGS}
     print(f"worker settings: {figures.settings}" + (f" (from {env})" if env else " (its defaults)"))
     requests = fit_requests(train, args.chunk)
-    log_dir = new_log_dir()
-    with tempfile.TemporaryDirectory(prefix="useritem-bench-") as tmp, contextlib.ExitStack() as stack:
-        data_dir, fit_dir = Path(tmp) / "models", Path(tmp) / "fit"
+    # What the model will know: the users and items of the training ratings.
+    users = [data.users[code] for code in np.unique(train.user)]
+    items = [data.items[code] for code in np.unique(train.item)]
+    gateway_env = {"GATEWAY_METRICS_PORT": "0"}
+    batch = min(
+        settings_under(GatewaySettings, gateway_env).max_inputs_per_request, settings.max_inputs_per_request
+    )
+    with processes("useritem-bench-") as procs:
+        fit_dir = procs.data / "fit"
         fit_dir.mkdir()
-        redis = stack.enter_context(running(RedisServer(log_dir=log_dir)))
-        worker = stack.enter_context(running(useritem_worker(data_dir, env, log_dir, fit_dir=fit_dir)))
-        router = stack.enter_context(
-            running(gateway([], redis.url, {"GATEWAY_METRICS_PORT": "0"}, log_dir, useritem=worker.address))
-        )
-        print(f"redis, a user-item worker and a gateway up; logs in {log_dir}", flush=True)
+        redis = procs.start(RedisServer(log_dir=procs.logs))
+        # A Recommend that ranks every item reads their biases (served_model): k up to the item count.
+        worker_env = {**env, "USERITEM_MAX_K": str(max(settings.max_k, len(items)))}
+        worker = procs.start(useritem_worker(procs.data / "models", worker_env, procs.logs, fit_dir=fit_dir))
+        router = procs.start(gateway([], redis.url, gateway_env, procs.logs, useritem=worker.address))
+        print(f"redis, a user-item worker and a gateway up; logs in {procs.logs}", flush=True)
         async with contextlib.AsyncExitStack() as channels:
             gateway_channel = await channels.enter_async_context(grpc.aio.insecure_channel(router.address))
             worker_channel = await channels.enter_async_context(grpc.aio.insecure_channel(worker.address))
@@ -403,31 +436,32 @@ async def evaluate(args: argparse.Namespace) -> Figures:
                 f"{args.fits} time(s), the same data and seed each time",
                 flush=True,
             )
-            store = ModelStore(str(data_dir), 3)
             for number in range(args.fits):
                 name = await fit(stub, requests, figures, verbose=number == 0)
-                model = store.load_all()[name]
-                figures.worker_train_s.append(model.metrics.train_seconds)
             if len(figures.versions) > 1:
                 print(
                     f"note: the {args.fits} Fits gave {len(figures.versions)} different versions (the "
                     "parameters differ, bit for bit, between runs); evaluating the last"
                 )
+            if (figures.model_users, figures.model_items) != (len(users), len(items)):
+                raise RuntimeError(
+                    f"the model knows {figures.model_users} users and {figures.model_items} items; the "
+                    f"training ratings have {len(users)} and {len(items)}"
+                )
 
-            # Vectors through Encode; biases and the global mean from the saved model.
-            user_vectors = await encode_all(
-                stub, name, [pb.Input(user_id=user) for user in model.users], model.factors
-            )
-            item_vectors = await encode_all(
-                stub, name, [pb.Input(item_id=item) for item in model.items], model.factors
-            )
+            model = await served_model(stub, direct, name, users, items, batch)
+            worker_encoder = encoder_pb2_grpc.EncoderStub(worker_channel)
+            user_vectors = await encode_all(worker_encoder, name, [pb.Input(user_id=u) for u in users], batch)
+            item_vectors = await encode_all(worker_encoder, name, [pb.Input(item_id=i) for i in items], batch)
             figures.encode_max_diff = max(
                 float(np.abs(user_vectors - model.user_vectors).max()),
                 float(np.abs(item_vectors - model.item_vectors).max()),
             )
             if figures.encode_max_diff != 0.0:
-                print(f"WARNING: Encode differs from the saved vectors by up to {figures.encode_max_diff:g}")
-            predicted, both = predict(model, user_vectors, item_vectors, test)
+                print(
+                    f"WARNING: the gateway's Encode differs from the worker's by up to {figures.encode_max_diff:g}"
+                )
+            predicted, both = predict(model, test, baseline_predictions)
             figures.unknown_share = float(1.0 - both.mean())
             figures.rmse["model"] = rmse(predicted, test.rating)
             figures.rmse_known = {
@@ -441,59 +475,35 @@ async def evaluate(args: argparse.Namespace) -> Figures:
             if len(known) < len(test_users):
                 print(f"note: {len(test_users) - len(known)} test users are unknown to the model")
             calls = [rec.RecommendRequest(user_id=data.users[code], k=K) for code in known]
-            paths: dict[str, Callable[..., Awaitable[rec.RecommendResponse]]] = {
-                "gateway": stub.Recommend,
-                "direct": direct.Recommend,
+            figures.recommend = await alternating_rounds(
+                {"gateway": (stub.Recommend, calls), "direct": (direct.Recommend, calls)},
+                args.rounds,
+                {"worker": [worker], "gateway": [router]},
+                WARMUP,
+            )
+            answers = {
+                path: [[[hit.id for hit in response.items] for response in responses] for responses in rounds]
+                for path, rounds in figures.recommend.answers.items()
             }
-            processes = {"worker": worker, "gateway": router}
-            for call in paths.values():
-                await timed(call, calls[:WARMUP])
-            figures.latency = {path: {"p50": [], "p99": []} for path in paths}
-            figures.cpu_ms = {path: {"worker": [], "gateway": []} for path in paths}
-            everything: list[tuple[str, list[list[str]]]] = []
-            for round_ in range(args.rounds):
-                order = list(paths) if round_ % 2 == 0 else list(reversed(paths))
-                for path in order:
-                    before = {key: process.cpu_seconds() for key, process in processes.items()}
-                    times, answers = await timed(paths[path], calls)
-                    for key, process in processes.items():
-                        used = process.cpu_seconds() - before[key]
-                        figures.cpu_ms[path][key].append(used * 1000 / len(calls))
-                    figures.latency[path]["p50"].append(float(np.percentile(times, 50)))
-                    figures.latency[path]["p99"].append(float(np.percentile(times, 99)))
-                    everything.append((path, answers))
-                print(
-                    f"round {round_ + 1}: "
-                    + ", ".join(
-                        f"{path} p50 {figures.latency[path]['p50'][-1]:.2f} ms "
-                        f"p99 {figures.latency[path]['p99'][-1]:.2f} ms"
-                        for path in paths
-                    ),
-                    flush=True,
-                )
             # recall@10 is scored on the first gateway round; every other round and path must agree.
-            first_answers = next(answers for path, answers in everything if path == "gateway")
+            first_answers = answers["gateway"][0]
             figures.unstable_answers = sum(
                 mine != theirs
-                for _, answers in everything
-                for mine, theirs in zip(answers, first_answers, strict=True)
+                for rounds in answers.values()
+                for round_answers in rounds
+                for mine, theirs in zip(round_answers, first_answers, strict=True)
             )
             # Scores of the gateway's hits against this process's predictions of the same pairs.
             sample = calls[: min(len(calls), 50)]
             for request in sample:
                 response = await stub.Recommend(request, timeout=30)
-                row = model.user_index[request.user_id]
-                for hit in response.items:
-                    column = model.item_index[hit.id]
-                    expected = (
-                        model.global_mean
-                        + model.user_bias[row]
-                        + model.item_bias[column]
-                        + float(user_vectors[row].astype(np.float64) @ item_vectors[column])
-                    )
-                    figures.score_max_diff = max(figures.score_max_diff, abs(hit.score - expected))
+                columns = np.array([model.item_index[hit.id] for hit in response.items], dtype=np.int64)
+                rows = np.full(len(columns), model.user_index[request.user_id])
+                expected = model.score(rows, columns)
+                for hit, prediction in zip(response.items, expected.tolist(), strict=True):
+                    figures.score_max_diff = max(figures.score_max_diff, abs(hit.score - prediction))
 
-    score_recall(data, train, test, known, first_answers, model, user_vectors, item_vectors, biases, figures)
+    score_recall(data, train, test, known, first_answers, model, biases, figures)
     return figures
 
 
@@ -503,9 +513,7 @@ def score_recall(
     test: Ratings,
     asked: list[int],
     answers: list[list[str]],
-    model: TrainedModel,
-    user_vectors: np.ndarray,
-    item_vectors: np.ndarray,
+    model: Served,
     biases: Biases,
     figures: Figures,
 ) -> None:
@@ -527,8 +535,9 @@ def score_recall(
         np.argsort(-np.bincount(train.item, minlength=len(data.items))[candidates], kind="stable")
     ]
     by_bias = candidates[np.argsort(-biases.item[candidates], kind="stable")]
-    # The model's ranking in this process (dot + item bias over the model's items): a check on the gateway.
-    model_item_codes = np.array([item_code[item] for item in model.items], dtype=np.int64)
+    # The model's ranking in this process (dot + item offset, the item bias plus a constant, over the
+    # model's items): a check on the gateway.
+    model_item_codes = np.array([item_code[item] for item in model.item_index], dtype=np.int64)
     found: dict[str, list[set[int]]] = {"model": [], "popularity": [], "biases": []}
     agree = 0
     for user in users:
@@ -539,7 +548,7 @@ def score_recall(
         found["biases"].append(set(top_k_unseen(by_bias, user_seen)))
         row = model.user_index.get(data.users[user])
         if row is not None:
-            scores = item_vectors.astype(np.float64) @ user_vectors[row] + model.item_bias
+            scores = model.item_vectors.astype(np.float64) @ model.user_vectors[row] + model.item_offset
             order = model_item_codes[np.argsort(-scores, kind="stable")]
             agree += set(top_k_unseen(order, user_seen)) == gateway_top
     wanted = [relevant[user] for user in users]
@@ -550,7 +559,8 @@ def score_recall(
 def report(figures: Figures, args: argparse.Namespace) -> None:
     rounds = args.rounds
     ratio = figures.rmse["model"] / figures.rmse["biases"]
-    gateway_p50, direct_p50 = figures.median("gateway", "p50"), figures.median("direct", "p50")
+    latency = figures.recommend
+    gateway_p50, direct_p50 = latency.median("gateway", "p50"), latency.median("direct", "p50")
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     print(
         f"\nuser-item evaluation: {os.cpu_count()} cores (load average now {load}: other processes on the "
@@ -558,18 +568,18 @@ def report(figures: Figures, args: argparse.Namespace) -> None:
     )
     print(f"worker settings: {figures.settings}")
     print(
-        f"checks: Encode vectors == saved vectors (max |diff| {figures.encode_max_diff:g}); Recommend "
+        f"checks: gateway Encode vectors == worker Encode vectors (max |diff| {figures.encode_max_diff:g}); Recommend "
         f"scores vs in-process predictions max |diff| {figures.score_max_diff:.2e}; gateway top-{K} == "
         f"in-process top-{K} for {figures.agree_in_process:.1%} of users; Recommend answers (of users x rounds x paths) "
         f"differing from the first gateway round: {figures.unstable_answers}"
     )
     print(
-        f"test pairs with a user or item unknown to the model (predicted: global mean + known bias): "
+        f"test pairs with a user or item unknown to the model (predicted by the biases baseline): "
         f"{figures.unknown_share:.2%}; on the known pairs only: model RMSE {figures.rmse_known['model']:.4f}, "
         f"biases {figures.rmse_known['biases']:.4f}"
     )
     for path in ("gateway", "direct"):
-        cpu = {key: statistics.median(values) for key, values in figures.cpu_ms[path].items()}
+        cpu = latency.cpu_median(path)
         print(f"CPU per {path} Recommend: worker {cpu['worker']:.2f} ms, gateway {cpu['gateway']:.2f} ms")
     errors, recall = figures.rmse, figures.recall
     lines = [
@@ -582,16 +592,15 @@ def report(figures: Figures, args: argparse.Namespace) -> None:
         f"{figures.settings['factors']} factors |",
         f"| train time | Fit wall median {statistics.median(figures.fit_wall_s):.2f} s of {len(figures.fit_wall_s)} "
         f"(min {min(figures.fit_wall_s):.2f}, max {max(figures.fit_wall_s):.2f}); first epoch reported at "
-        f"{statistics.median(figures.first_epoch_s):.2f} s; worker training "
-        f"{statistics.median(figures.worker_train_s):.2f} s |",
+        f"{statistics.median(figures.first_epoch_s):.2f} s |",
         f"| epochs | {figures.epochs_run} run, epoch {figures.best_epoch} kept; worker validation RMSE "
         f"{figures.validation_rmse:.4f}, recall@{K} {figures.validation_recall:.4f} |",
         f"| test RMSE | model {errors['model']:.4f}; biases (damping {figures.damping:g}) "
         f"{errors['biases']:.4f}; global mean {errors['global mean']:.4f}; model/biases {ratio:.3f} |",
         f"| test recall@{K} ({figures.recall_users} users) | model {recall['model']:.4f}; popularity "
         f"{recall['popularity']:.4f}; biases {recall['biases']:.4f} |",
-        f"| Recommend k={K} gateway | p50 {gateway_p50:.2f} ms, p99 {figures.median('gateway', 'p99'):.2f} ms |",
-        f"| Recommend k={K} direct | p50 {direct_p50:.2f} ms, p99 {figures.median('direct', 'p99'):.2f} ms; "
+        f"| Recommend k={K} gateway | p50 {gateway_p50:.2f} ms, p99 {latency.median('gateway', 'p99'):.2f} ms |",
+        f"| Recommend k={K} direct | p50 {direct_p50:.2f} ms, p99 {latency.median('direct', 'p99'):.2f} ms; "
         f"gateway/direct p50 {gateway_p50 / direct_p50:.2f}x |",
     ]
     print()
@@ -601,9 +610,7 @@ def report(figures: Figures, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arguments(__doc__)
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="share of ratings held out")
     parser.add_argument("--rounds", type=int, default=3, help="alternating latency rounds; medians reported")
@@ -627,13 +634,14 @@ def main() -> None:
     parser.add_argument(
         "--worker-env",
         action="append",
+        type=env_pair,
         default=[],
         metavar="KEY=VALUE",
         help="extra environment of the worker, e.g. USERITEM_INIT_STD=0.1 (repeatable)",
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: one Fit, one latency round")
     args = parser.parse_args()
-    args.worker_env = dict(pair.split("=", 1) for pair in args.worker_env)
+    args.worker_env = dict(args.worker_env)
     if args.fits < 1 or args.rounds < 1:
         parser.error("--fits and --rounds must be at least 1")
     if args.quick:
