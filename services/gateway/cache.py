@@ -14,6 +14,7 @@ import hashlib
 import logging
 import struct
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,8 @@ from services.gateway import metrics
 
 log = logging.getLogger("cache")
 
-_HEADER = struct.Struct("<BI")  # flags (bit 0: truncated), tokens
+# flags (bit 0: truncated), tokens, dimension, crc32 of the vector's bytes
+_HEADER = struct.Struct("<BIII")
 _TRUNCATED = 1
 # RedisClusterException (no node reachable, a node not in cluster mode, slots not covered) is no RedisError.
 _FAILURES = (RedisError, RedisClusterException, OSError)
@@ -43,24 +45,35 @@ class RawVector:
     truncated: bool = False
 
     def to_bytes(self) -> bytes:
+        data = np.ascontiguousarray(self.values, dtype="<f4").tobytes()
         flags = _TRUNCATED if self.truncated else 0
-        return _HEADER.pack(flags, self.tokens) + self.values.astype("<f4").tobytes()
+        return _HEADER.pack(flags, self.tokens, len(self.values), zlib.crc32(data)) + data
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> "RawVector":
-        flags, tokens = _HEADER.unpack_from(blob)
-        values = np.frombuffer(blob, dtype="<f4", offset=_HEADER.size)
+    def from_bytes(cls, blob: bytes, dimension: int) -> "RawVector | None":
+        """The entry `blob` holds, or None when it is not one this cache wrote for a `dimension`-d model:
+        too short or long, another dimension, a checksum that fails, unknown flags, non-finite values."""
+        if len(blob) != _HEADER.size + 4 * dimension:
+            return None
+        flags, tokens, stored_dimension, crc = _HEADER.unpack_from(blob)
+        data = memoryview(blob)[_HEADER.size :]
+        if stored_dimension != dimension or flags & ~_TRUNCATED or zlib.crc32(data) != crc:
+            return None
+        values = np.frombuffer(data, dtype="<f4")
+        if not np.all(np.isfinite(values)):
+            return None
         return cls(values, tokens, bool(flags & _TRUNCATED))
 
 
 def cache_key(model_id: str, model_version: str, item: pb.Input) -> str:
     """sha256 of (model, model version, input kind, input content), behind a readable model prefix
-    (so `redis-cli --scan --pattern 'emb:v1:<model>:*'` finds one model's entries)."""
+    (so `redis-cli --scan --pattern 'emb:v2:<model>:*'` finds one model's entries). v2: entries carry
+    their dimension and a checksum."""
     field = item.WhichOneof("content") or ""
     content = getattr(item, field) if field else b""
     digest = hashlib.sha256(b"\0".join([model_id.encode(), model_version.encode(), field.encode(), b""]))
     digest.update(content if isinstance(content, bytes) else content.encode())
-    return f"emb:v1:{model_id}:{digest.hexdigest()}"
+    return f"emb:v2:{model_id}:{digest.hexdigest()}"
 
 
 @dataclass(frozen=True)
@@ -152,8 +165,10 @@ class VectorCache:
         await asyncio.gather(*(node.disconnect() for node in client.get_nodes()))
         await client.nodes_manager.initialize()
 
-    async def get_many(self, keys: list[str]) -> list[RawVector | None]:
-        """One round trip for all keys (to each node of a cluster at once); all None when Redis is down."""
+    async def get_many(self, keys: list[str], model: str, dimension: int) -> list[RawVector | None]:
+        """One round trip for all keys (to each node of a cluster at once); all None when Redis is down. An
+        entry that is not a valid `dimension`-d vector (damaged, or written by something else) is a miss,
+        counted in cache_invalid_total, never an answer."""
         if not keys or not self._available():
             return [None] * len(keys)
         assert self._client is not None
@@ -165,7 +180,17 @@ class VectorCache:
         except _FAILURES as error:
             await self._failed("get", error)
             return [None] * len(keys)
-        return [RawVector.from_bytes(blob) if isinstance(blob, bytes) else None for blob in blobs]
+        found = [RawVector.from_bytes(blob, dimension) if isinstance(blob, bytes) else None for blob in blobs]
+        invalid = sum(1 for blob, raw in zip(blobs, found, strict=True) if blob is not None and raw is None)
+        if invalid:
+            metrics.CACHE_INVALID.labels(model).inc(invalid)
+            log.warning(
+                "%d cached entries of model %s were not valid %d-d vectors: treated as misses",
+                invalid,
+                model,
+                dimension,
+            )
+        return found
 
     async def put_many(self, entries: dict[str, RawVector]) -> None:
         if not entries or not self._available():

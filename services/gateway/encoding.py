@@ -12,7 +12,7 @@ import numpy as np
 from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import types_pb2 as pb
 
-from services.common.errors import InvalidArgument, ServiceError
+from services.common.errors import InvalidArgument, ServiceError, Unavailable
 from services.common.inputs import check_batch_size
 from services.common.model_card import ModelCard
 from services.common.vectors import check_options, from_wire, shape
@@ -51,7 +51,7 @@ class CachingEncoder:
         (default: `field[i]`)."""
         where = list(positions) if positions is not None else list(range(len(inputs)))
         keys = [cache_key(card.id, card.version, item) for item in inputs]
-        found = dict(zip(keys, await self._cache.get_many(keys), strict=True))
+        found = dict(zip(keys, await self._cache.get_many(keys, card.id, card.dimension), strict=True))
         was_cached = {key: raw is not None for key, raw in found.items()}
         hits = sum(1 for key in keys if was_cached[key])
         metrics.CACHE_HITS.labels(card.id).inc(hits)
@@ -61,17 +61,23 @@ class CachingEncoder:
         first_position = {key: position for position, key in reversed(list(enumerate(keys)))}
         missing = sorted(position for key, position in first_position.items() if not was_cached[key])
         if missing:
-            try:
-                response = await self._router.encode(card.id, [inputs[p] for p in missing], strict, timeout)
-            except ServiceError as error:
-                raise error.moved("inputs", [where[p] for p in missing], field) from None
-            model = response.model
-            fresh: dict[str, RawVector] = {}
-            for position, embedding in zip(missing, response.embeddings, strict=True):
-                raw = RawVector(from_wire(embedding.vector), embedding.input_tokens, embedding.truncated)
-                fresh[cache_key(model.id, model.version, inputs[position])] = raw
+            model, fresh = await self._from_worker(
+                card, inputs, missing, strict, timeout, [where[p] for p in missing], field
+            )
+            if model.version != card.version and len(missing) < len(first_position):
+                # The worker serves a newer version than the router knew: the cached vectors are the old
+                # version's, so every input is encoded again rather than mixing two versions' vectors.
+                cached = sorted(set(first_position.values()) - set(missing))
+                was_cached = dict.fromkeys(keys, False)
+                model, again = await self._from_worker(
+                    card, inputs, cached, strict, timeout, [where[p] for p in cached], field
+                )
+                fresh.update(again)
+            for position, raw in fresh.items():
                 found[keys[position]] = raw
-            await self._cache.put_many(fresh)
+            await self._cache.put_many(
+                {cache_key(model.id, model.version, inputs[p]): raw for p, raw in fresh.items()}
+            )
 
         vectors = [found[key] for key in keys]
         if strict:
@@ -83,6 +89,36 @@ class CachingEncoder:
                         field=f"{field}[{where[position]}]",
                     )
         return Encoded(model, [raw for raw in vectors if raw is not None], [was_cached[key] for key in keys])
+
+    async def _from_worker(
+        self,
+        card: ModelCard,
+        inputs: Sequence[pb.Input],
+        positions: list[int],
+        strict: bool,
+        timeout: float,
+        caller_positions: list[int],
+        field: str,
+    ) -> tuple[pb.ModelRef, dict[int, RawVector]]:
+        """The worker's vectors of `inputs[p]` for each p in `positions`, checked: one per input, each of one
+        dimension (the card's, unless the worker answers for a newer version)."""
+        try:
+            response = await self._router.encode(card.id, [inputs[p] for p in positions], strict, timeout)
+        except ServiceError as error:
+            raise error.moved("inputs", caller_positions, field) from None
+        vectors = [from_wire(embedding.vector) for embedding in response.embeddings]
+        dimensions = {vector.shape[0] for vector in vectors}
+        expected = {card.dimension} if response.model.version == card.version else dimensions
+        if len(vectors) != len(positions) or len(dimensions) != 1 or dimensions != expected:
+            raise Unavailable(
+                f"the worker serving {card.id!r} answered {len(vectors)} vectors of {sorted(dimensions)} dimensions "
+                f"for {len(positions)} inputs of a {card.dimension}-d model; retry shortly"
+            )
+        raws = {
+            position: RawVector(vector, embedding.input_tokens, embedding.truncated)
+            for position, vector, embedding in zip(positions, vectors, response.embeddings, strict=True)
+        }
+        return response.model, raws
 
 
 class Encoding:

@@ -82,7 +82,7 @@ async def test_a_batch_spreads_over_every_node_and_comes_back_in_order_with_its_
     try:
         await cache.put_many(entries)
         asked = [*reversed(entries), "test:cluster:absent"]
-        got = await cache.get_many(asked)
+        got = await cache.get_many(asked, "m", 8)
     finally:
         await cache.close()
 
@@ -113,7 +113,7 @@ def test_a_gateway_on_the_cluster_serves_the_second_encode_from_it(
         np.testing.assert_array_equal(vectors(second), vectors(first))
         assert metric(service.metrics_port, "cache_hits_total", model=MODEL.id) == hits_before + len(sent)
         assert gateway_errors(service) == 0
-    held = [keys_on(node, f"emb:v1:{MODEL.id}:*") for node in redis_cluster.nodes]
+    held = [keys_on(node, f"emb:v2:{MODEL.id}:*") for node in redis_cluster.nodes]
     assert {key_of(text) for text in sent} <= set().union(*held)
     assert all(held)
 
@@ -132,8 +132,8 @@ def test_a_node_killed_costs_the_cache_its_keys_and_fails_no_encode(
         assert cached(encode(service, sent)) == [True] * len(sent)
         # the seed itself: the gateway found the other nodes through it, and asks them from now on
         victim, *survivors = cluster.nodes
-        lost = keys_on(victim, f"emb:v1:{MODEL.id}:*", "s3cret")
-        kept = set().union(*(keys_on(node, f"emb:v1:{MODEL.id}:*", "s3cret") for node in survivors))
+        lost = keys_on(victim, f"emb:v2:{MODEL.id}:*", "s3cret")
+        kept = set().union(*(keys_on(node, f"emb:v2:{MODEL.id}:*", "s3cret") for node in survivors))
         assert lost and kept
         victim.kill()  # SIGKILL
 

@@ -56,14 +56,49 @@ def cache_errors(op: str) -> float:
 def test_raw_vector_bytes_round_trip(values: list[float], tokens: int, truncated: bool) -> None:
     raw = RawVector(np.array(values, dtype=np.float32), tokens, truncated)
     blob = raw.to_bytes()
-    assert len(blob) == 5 + 4 * len(values)
-    assert_same(RawVector.from_bytes(blob), raw)
+    assert len(blob) == 13 + 4 * len(values)
+    assert_same(RawVector.from_bytes(blob, len(values)), raw)
 
 
 def test_raw_vector_stores_float64_input_as_float32() -> None:
     raw = RawVector(np.array([1 / 3, -2.0], dtype=np.float64), 3, False)
-    back = RawVector.from_bytes(raw.to_bytes())
+    back = RawVector.from_bytes(raw.to_bytes(), 2)
+    assert back is not None
     np.testing.assert_array_equal(back.values, np.array([1 / 3, -2.0], dtype=np.float32))
+
+
+def _damaged(blob: bytes, how: str) -> bytes:
+    if how == "truncated":
+        return blob[:-1]
+    if how == "extended":
+        return blob + b"\0\0\0\0"
+    if how == "empty":
+        return b""
+    if how == "flipped value bit":
+        return blob[:-1] + bytes([blob[-1] ^ 0x01])
+    if how == "flipped checksum bit":
+        return blob[:9] + bytes([blob[9] ^ 0x80]) + blob[10:]
+    if how == "unknown flag":
+        return bytes([blob[0] | 0x80]) + blob[1:]
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how", ["truncated", "extended", "empty", "flipped value bit", "flipped checksum bit", "unknown flag"]
+)
+def test_a_damaged_entry_is_no_vector(how: str) -> None:
+    blob = vector(1).to_bytes()
+    assert RawVector.from_bytes(blob, 8) is not None
+    assert RawVector.from_bytes(_damaged(blob, how), 8) is None
+
+
+def test_an_entry_of_another_dimension_or_with_non_finite_values_is_no_vector() -> None:
+    assert RawVector.from_bytes(vector(1, dim=8).to_bytes(), 4) is None
+    assert RawVector.from_bytes(vector(1, dim=4).to_bytes(), 8) is None
+    for bad in (np.nan, np.inf, -np.inf):
+        values = vector(2).values.copy()
+        values[3] = bad
+        assert RawVector.from_bytes(RawVector(values).to_bytes(), 8) is None
 
 
 # --- cache_key ------------------------------------------------------------------------------------
@@ -72,7 +107,7 @@ def test_raw_vector_stores_float64_input_as_float32() -> None:
 def test_cache_key_is_deterministic_and_names_model_and_version() -> None:
     key = cache_key("text-small", "v3", pb.Input(text="hello"))
     assert key == cache_key("text-small", "v3", pb.Input(text="hello"))
-    assert key.startswith("emb:v1:text-small:")
+    assert key.startswith("emb:v2:text-small:")
 
 
 def test_cache_key_fields_cannot_run_into_each_other() -> None:
@@ -118,8 +153,8 @@ async def client(redis_server: RedisServer) -> AsyncIterator[redis.Redis]:
 
 async def test_get_many_on_an_empty_cache_gives_nones(cache: VectorCache) -> None:
     assert cache.enabled
-    assert await cache.get_many([new_key(), new_key(), new_key()]) == [None, None, None]
-    assert await cache.get_many([]) == []
+    assert await cache.get_many([new_key(), new_key(), new_key()], "m", 8) == [None, None, None]
+    assert await cache.get_many([], "m", 8) == []
 
 
 async def test_put_many_then_get_many_in_key_order_with_one_mget(
@@ -128,13 +163,13 @@ async def test_put_many_then_get_many_in_key_order_with_one_mget(
     keys = [new_key() for _ in range(3)]
     entries = {
         keys[0]: vector(1, tokens=5),
-        keys[1]: vector(2, dim=3, truncated=True, tokens=512),
-        keys[2]: vector(3, dim=16),
+        keys[1]: vector(2, truncated=True, tokens=512),
+        keys[2]: vector(3),
     }
     await cache.put_many(entries)
 
     await client.config_resetstat()
-    got = await cache.get_many([keys[2], new_key(), keys[0], keys[1]])
+    got = await cache.get_many([keys[2], new_key(), keys[0], keys[1]], "m", 8)
     stats = await client.info("commandstats")
 
     assert got[1] is None
@@ -143,6 +178,28 @@ async def test_put_many_then_get_many_in_key_order_with_one_mget(
     assert_same(got[3], entries[keys[1]])
     assert stats["cmdstat_mget"]["calls"] == 1
     assert "cmdstat_get" not in stats
+
+
+def cache_invalid(model: str) -> float:
+    return REGISTRY.get_sample_value("cache_invalid_total", {"model": model}) or 0.0
+
+
+async def test_an_entry_that_is_not_a_valid_vector_is_a_counted_miss(
+    cache: VectorCache, client: redis.Redis
+) -> None:
+    """What Redis holds is checked, not trusted: damaged or foreign values are misses, never answers."""
+    good, other_dimension, garbage, damaged = (new_key() for _ in range(4))
+    await cache.put_many({good: vector(10), other_dimension: vector(11, dim=4)})
+    await client.set(garbage, b"not a vector at all")
+    blob = vector(12).to_bytes()
+    await client.set(damaged, blob[:-1] + bytes([blob[-1] ^ 0x10]))
+    before = cache_invalid("checked-model")
+
+    got = await cache.get_many([good, other_dimension, garbage, damaged, new_key()], "checked-model", 8)
+
+    assert_same(got[0], vector(10))
+    assert got[1:] == [None, None, None, None]
+    assert cache_invalid("checked-model") == before + 3  # an absent key is a plain miss
 
 
 async def test_put_many_sets_the_ttl(cache: VectorCache, client: redis.Redis) -> None:
@@ -157,9 +214,9 @@ async def test_keys_expire_after_the_ttl(redis_server: RedisServer, client: redi
         key = new_key()
         await short.put_many({key: vector(5)})
         assert 0 < await client.pttl(key) <= 1000
-        assert (await short.get_many([key]))[0] is not None
+        assert (await short.get_many([key], "m", 8))[0] is not None
         await asyncio.sleep(1.1)
-        assert await short.get_many([key]) == [None]
+        assert await short.get_many([key], "m", 8) == [None]
         assert await client.exists(key) == 0
     finally:
         await short.close()
@@ -169,7 +226,7 @@ async def test_disabled_cache_is_a_no_op() -> None:
     disabled = VectorCache("", ttl_s=60, timeout_s=0.2, retry_s=0.3)
     assert not disabled.enabled
     await disabled.put_many({"k": vector(6)})
-    assert await disabled.get_many(["k", "j"]) == [None, None]
+    assert await disabled.get_many(["k", "j"], "m", 8) == [None, None]
     await disabled.close()
 
 
@@ -182,18 +239,18 @@ async def test_dead_redis_is_bypassed_and_the_cache_comes_back_after_restart(
     try:
         key, raw = new_key(), vector(7)
         await vectors.put_many({key: raw})
-        assert_same((await vectors.get_many([key]))[0], raw)
+        assert_same((await vectors.get_many([key], "m", 8))[0], raw)
         get_errors, put_errors = cache_errors("get"), cache_errors("put")
 
         server.kill()
         start = time.monotonic()
-        assert await vectors.get_many([key, new_key()]) == [None, None]
+        assert await vectors.get_many([key, new_key()], "m", 8) == [None, None]
         assert time.monotonic() - start < 1.0
         assert cache_errors("get") == get_errors + 1
 
         # within retry_s Redis is not tried at all: no error, no latency
         await vectors.put_many({key: raw})
-        assert await vectors.get_many([key]) == [None]
+        assert await vectors.get_many([key], "m", 8) == [None]
         assert cache_errors("get") == get_errors + 1
         assert cache_errors("put") == put_errors
 
@@ -204,9 +261,9 @@ async def test_dead_redis_is_bypassed_and_the_cache_comes_back_after_restart(
         restarted = start_redis(port=port)
         assert restarted.url == server.url
         await asyncio.sleep(0.35)
-        assert await vectors.get_many([key]) == [None]  # a fresh, empty redis
+        assert await vectors.get_many([key], "m", 8) == [None]  # a fresh, empty redis
         await vectors.put_many({key: raw})
-        assert_same((await vectors.get_many([key]))[0], raw)
+        assert_same((await vectors.get_many([key], "m", 8))[0], raw)
         assert cache_errors("get") == get_errors + 1
         assert cache_errors("put") == put_errors + 1
     finally:
@@ -220,14 +277,14 @@ async def test_hung_redis_times_out_quickly_and_answers_are_not_mixed_up_afterwa
     vectors = VectorCache(server.url, ttl_s=60, timeout_s=0.2, retry_s=0.3)
     try:
         first, second = new_key(), new_key()
-        entries = {first: vector(8), second: vector(9, dim=4)}
+        entries = {first: vector(8), second: vector(9)}
         await vectors.put_many(entries)
         get_errors = cache_errors("get")
 
         server.signal(signal.SIGSTOP)
         try:
             start = time.monotonic()
-            assert await vectors.get_many([first]) == [None]
+            assert await vectors.get_many([first], "m", 8) == [None]
             assert time.monotonic() - start < 1.0
             assert cache_errors("get") == get_errors + 1
         finally:
@@ -235,7 +292,7 @@ async def test_hung_redis_times_out_quickly_and_answers_are_not_mixed_up_afterwa
 
         await asyncio.sleep(0.35)
         # the late reply to the timed-out MGET must not be taken for this one's
-        got = await vectors.get_many([second, first])
+        got = await vectors.get_many([second, first], "m", 8)
         assert_same(got[0], entries[second])
         assert_same(got[1], entries[first])
     finally:
