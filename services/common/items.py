@@ -2,9 +2,13 @@
 with its own limits and naming its own settings in refusals."""
 
 import json
+import math
 from dataclasses import dataclass
 
 from services.common.errors import InvalidArgument
+
+# Deepest nesting of objects and arrays in a payload (Python's parser itself fails at about 1,000).
+MAX_PAYLOAD_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,37 @@ class ItemRules:
                 field=field,
             )
         try:
-            payload = json.loads(payload_json)
+            payload = json.loads(payload_json, parse_constant=_no_constant, parse_float=_finite)
         except ValueError as error:
             raise InvalidArgument(f"is not valid JSON: {error}", field=field) from None
+        except RecursionError:
+            raise InvalidArgument(f"nests deeper than {MAX_PAYLOAD_DEPTH} levels", field=field) from None
         if not isinstance(payload, dict):
             raise InvalidArgument(f"must be a JSON object, not {type(payload).__name__}", field=field)
+        if _depth(payload) > MAX_PAYLOAD_DEPTH:
+            raise InvalidArgument(f"nests deeper than {MAX_PAYLOAD_DEPTH} levels", field=field)
+
+
+def _no_constant(name: str) -> float:
+    """NaN and Infinity are Python's extensions of JSON: refused, so payloads stay standard JSON."""
+    raise ValueError(f"{name} is not a JSON value (standard JSON has no NaN or Infinity)")
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float; one too large for a double (1e400) is refused rather than made infinite."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
+
+
+def _depth(value: object) -> int:
+    """How deeply objects and arrays nest in a parsed JSON value (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest

@@ -73,7 +73,7 @@ class Indexer:
             if not space:
                 raise InvalidArgument("a vector query needs `space`: the space the vector belongs to")
             if space not in self._known_spaces():
-                raise invalid_space(space, sorted(self._known_spaces()))
+                raise invalid_space(space, {card.space for card in self._router.cards})
             query = self._check_vector(request.vector, space, "vector")
         else:
             raise InvalidArgument("the query is empty: set `input` (to encode) or `vector`")

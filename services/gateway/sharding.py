@@ -320,8 +320,10 @@ async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:
     return cast(list[T], results)
 
 
-def invalid_space(space: str, known: Sequence[str]) -> InvalidArgument:
+def invalid_space(space: str, model_spaces: Iterable[str]) -> InvalidArgument:
+    """An unknown space; the message lists only the spaces models write into (what ListModels shows
+    anyway), never the spaces other callers made of their own vectors."""
     return InvalidArgument(
-        f"space {space!r} is unknown: no model writes into it and no shard holds it; spaces: "
-        f"{', '.join(sorted(known)) or 'none'}"
+        f"space {space!r} is unknown: no model writes into it and no shard holds it; the models' spaces are "
+        f"{', '.join(sorted(model_spaces)) or 'none'} (a space of your own vectors exists once you upsert into it)"
     )
