@@ -4,7 +4,9 @@ machine, on fixed ports; Ctrl-C stops all.
 Ports (override with the environment): gateway 50051 (GATEWAY_PORT), text worker 50061 (TEXT_PORT), image
 worker 50062 (IMAGE_PORT), user-item worker 50063 (USERITEM_PORT), index shards 50071 and 50072
 (INDEX_PORT, INDEX_PORT + 1), Redis 6379 (REDIS_PORT; an already running Redis there is used as it is),
-metrics 9150 / 9161 / 9162 / 9163 / 9171 / 9172. Indexed items are kept in data/index-0 and data/index-1,
+metrics 9150 / 9161 / 9162 / 9163 / 9171 / 9172. Only the gateway listens on every address (0.0.0.0); the
+workers, shards and Redis listen on loopback (127.0.0.1), where only this machine can reach them: the
+gateway's authentication cannot be bypassed through their ports from elsewhere. Indexed items are kept in data/index-0 and data/index-1,
 trained user-item models in data/useritem, and Fit reads interaction files from data/fit (all under
 DATA_DIR), so everything survives a restart.
 """
@@ -45,11 +47,11 @@ def main() -> None:
         redis.start()
         children.append(redis)
     backends = [
-        text_worker({"TEXT_HOST": "0.0.0.0", "TEXT_METRICS_PORT": "9161"}, log_dir, text_port),
-        image_worker({"IMAGE_HOST": "0.0.0.0", "IMAGE_METRICS_PORT": "9162"}, log_dir, image_port),
+        text_worker({"TEXT_METRICS_PORT": "9161"}, log_dir, text_port),
+        image_worker({"IMAGE_METRICS_PORT": "9162"}, log_dir, image_port),
         useritem_worker(
             data_dir / "useritem",
-            {"USERITEM_HOST": "0.0.0.0", "USERITEM_METRICS_PORT": "9163"},
+            {"USERITEM_METRICS_PORT": "9163"},
             log_dir,
             useritem_port,
             data_dir / "fit",
@@ -57,7 +59,7 @@ def main() -> None:
         *(
             index_shard(
                 data_dir / f"index-{number}",
-                {"INDEX_HOST": "0.0.0.0", "INDEX_METRICS_PORT": str(9171 + number)},
+                {"INDEX_METRICS_PORT": str(9171 + number)},
                 log_dir,
                 index_port + number,
                 f"index-{number}",
@@ -94,11 +96,10 @@ def main() -> None:
         children.append(gate)
         gate.wait_serving()
         print(
-            f"ready: gateway on localhost:{gateway_port} (metrics :9150), text worker on localhost:{text_port} "
-            f"(metrics :9161), image worker on localhost:{image_port} (metrics :9162), user-item worker on "
-            f"localhost:{useritem_port} (metrics :9163; Fit files in {data_dir}/fit/), index shards on "
-            f"localhost:{index_port} and localhost:{index_port + 1} (data in {data_dir}/), redis on "
-            f"localhost:{redis_port}. Ctrl-C stops all.",
+            f"ready: gateway on 0.0.0.0:{gateway_port} (metrics :9150); on loopback only: text worker on :{text_port} "
+            f"(metrics :9161), image worker on :{image_port} (metrics :9162), user-item worker on "
+            f":{useritem_port} (metrics :9163; Fit files in {data_dir}/fit/), index shards on "
+            f":{index_port} and :{index_port + 1} (data in {data_dir}/), redis on :{redis_port}. Ctrl-C stops all.",
             flush=True,
         )
         while not stopping and all(child.running() for child in children):

@@ -252,8 +252,12 @@ CLUSTER_SCOPED = {
     "CustomResourceDefinition",
     "IngressClass",
 }
-# A placeholder for deploy/k8s/gateway-tokens.txt, which is not in git (the operator makes it).
-PLACEHOLDER_FILES = {"gateway-tokens.txt": b"placeholder-token\n"}
+# Placeholders for deploy/k8s/gateway-tokens.txt and backend-token.txt, which are not in git (the operator
+# makes them).
+PLACEHOLDER_FILES = {
+    "gateway-tokens.txt": b"placeholder-token\n",
+    "backend-token.txt": b"placeholder-backend-token\n",
+}
 
 
 @functools.cache
@@ -991,6 +995,119 @@ def test_k8s_redis_persists_its_cache() -> None:
     assert mount is not None and mount["name"] in claims, "Redis's /data is not on a PersistentVolumeClaim"
 
 
+@dataclass(frozen=True)
+class Peer:
+    """Where a connection comes from: a pod's labels and its namespace's labels."""
+
+    name: str
+    labels: dict[str, str]
+    namespace: dict[str, str]
+
+
+NAMESPACE_LABELS = {"kubernetes.io/metadata.name": "embeddings"}
+PEERS = {
+    "gateway": Peer("the gateway", {"app.kubernetes.io/name": "gateway"}, NAMESPACE_LABELS),
+    "text": Peer("a text worker", {"app.kubernetes.io/name": "text"}, NAMESPACE_LABELS),
+    "stranger": Peer("a pod of another namespace", {"app": "x"}, {"kubernetes.io/metadata.name": "other"}),
+    "intruder": Peer("an unlabelled pod of this namespace", {}, NAMESPACE_LABELS),
+    "monitoring": Peer("Prometheus", {"app": "prometheus"}, {"kubernetes.io/metadata.name": "monitoring"}),
+}
+
+
+def label_selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A LabelSelector (matchLabels, matchExpressions with In/NotIn/Exists) against labels."""
+    if not selects(selector.get("matchLabels", {}), labels):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        present = key in labels
+        ok = {
+            "In": present and labels.get(key) in values,
+            "NotIn": not present or labels.get(key) not in values,
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[operator]
+        if not ok:
+            return False
+    return True
+
+
+def peer_matches(source: dict[str, Any], peer: Peer) -> bool:
+    """One `from` entry of an ingress rule: a podSelector alone means this namespace."""
+    pods, namespaces = source.get("podSelector"), source.get("namespaceSelector")
+    if namespaces is None and peer.namespace != NAMESPACE_LABELS:
+        return False
+    if namespaces is not None and not label_selects(namespaces, peer.namespace):
+        return False
+    return pods is None or label_selects(pods, peer.labels)
+
+
+def ingress_allowed(pod: dict[str, Any], port_name: str, peer: Peer) -> bool:
+    """NetworkPolicy semantics: a pod no policy selects takes everything; else only what a rule allows."""
+    labels = pod["spec"]["template"]["metadata"]["labels"]
+    containers = pod["spec"]["template"]["spec"]["containers"]
+    number = next(
+        p["containerPort"] for c in containers for p in c.get("ports", []) if p["name"] == port_name
+    )
+    policies = [
+        policy
+        for policy in objects_of("NetworkPolicy").values()
+        if "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])
+        and label_selects(policy["spec"]["podSelector"], labels)
+    ]
+    if not policies:
+        return True
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports is not None and not any(entry.get("port") in (port_name, number) for entry in ports):
+                continue
+            sources = rule.get("from")
+            if sources is None or any(peer_matches(source, peer) for source in sources):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("workload", ["text", "image", "useritem", "index", "redis"])
+def test_k8s_only_the_gateway_reaches_the_backends(workload: str) -> None:
+    """The NetworkPolicies: a worker's, a shard's or Redis's API port only from the gateway; metrics only
+    from the monitoring namespace; nothing else."""
+    pod = next(w for w in workloads() if w["metadata"]["name"] == workload)
+    api = "redis" if workload == "redis" else "grpc"
+    assert ingress_allowed(pod, api, PEERS["gateway"]), f"the gateway cannot reach {workload}'s {api} port"
+    for name in ("text", "stranger", "intruder", "monitoring"):
+        assert not ingress_allowed(pod, api, PEERS[name]), (
+            f"{PEERS[name].name} can reach {workload}'s {api} port"
+        )
+    if workload != "redis":
+        assert ingress_allowed(pod, "metrics", PEERS["monitoring"]), f"Prometheus cannot scrape {workload}"
+        for name in ("stranger", "intruder"):
+            assert not ingress_allowed(pod, "metrics", PEERS[name]), (
+                f"{PEERS[name].name} can scrape {workload}"
+            )
+
+
+def test_k8s_callers_reach_the_gateway_api_and_nothing_is_left_open() -> None:
+    gateway = next(w for w in workloads() if w["metadata"]["name"] == "gateway")
+    for peer in PEERS.values():
+        assert ingress_allowed(gateway, "grpc", peer), f"{peer.name} cannot reach the gateway's API"
+    assert not ingress_allowed(gateway, "metrics", PEERS["stranger"]), "anyone can scrape the gateway"
+    default_deny = [
+        policy
+        for policy in objects_of("NetworkPolicy").values()
+        if policy["spec"]["podSelector"] == {} and not policy["spec"].get("ingress")
+    ]
+    assert default_deny, "no default-deny ingress policy: a new pod would be open to all"
+    for workload in workloads():
+        prefix = {"index": "INDEX_", "text": "TEXT_", "image": "IMAGE_", "useritem": "USERITEM_"}.get(
+            workload["metadata"]["name"]
+        )
+        if prefix:  # and past the policies, a backend still requires the gateway's token
+            (container,) = workload["spec"]["template"]["spec"]["containers"]
+            env = k8s_env(workload, container)
+            assert env.get(f"{prefix}AUTH_TOKENS_FILE"), f"{workload['metadata']['name']} requires no token"
+
+
 def test_k8s_images_are_tagged_with_the_project_version() -> None:
     version = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M)
     assert version
@@ -1224,6 +1341,15 @@ def test_dockerfile_target_matches_the_service(service: str) -> None:
     image_env = service_env(service, target_env(service))
     foreign = foreign_variables(service, image_env)
     assert not foreign, f"target {service}: ENV {foreign} are not settings of {service}"
+    if not settings_class(service).public:
+        # A worker or shard image listens on every address of its container and so, alone, refuses to start
+        # until it is given a credential to require (compose and the manifests give one)
+        with (
+            mock.patch.dict(os.environ, image_env, clear=True),
+            pytest.raises(ValidationError, match="no credential"),
+        ):
+            settings_class(service)()
+        image_env = {**image_env, f"{prefixes(service)[0]}AUTH_TOKENS": "a-token"}
     settings = build_settings(service, image_env, f"target {service}")
     volumes = [
         path

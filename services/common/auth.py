@@ -1,8 +1,8 @@
-"""Bearer-token authentication of the gateway's public API.
+"""Bearer-token authentication: of the gateway's callers, and of the gateway by its workers and shards.
 
-Callers send `authorization: Bearer <token>` metadata. Tokens come from GATEWAY_AUTH_TOKENS and/or a
-file (one per line) that is re-read when it changes, so a mounted Kubernetes Secret rotates them without
-a restart. A token is checked against every configured one by comparing SHA-256 digests with
+Callers send `authorization: Bearer <token>` metadata. Tokens come from *_AUTH_TOKENS and/or a file
+(*_AUTH_TOKENS_FILE, one per line) that is re-read when it changes, so a mounted Kubernetes Secret rotates
+them without a restart. A token is checked against every configured one by comparing SHA-256 digests with
 `hmac.compare_digest`, without stopping at the first match: the time taken says nothing about how much
 of a token, or which one, matched.
 """
@@ -17,26 +17,27 @@ from typing import Any
 
 import grpc
 
+from services.common.handlers import is_open_service, rewrapped
+
 log = logging.getLogger("auth")
 
-_OPEN_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
-
-class TokenFileError(RuntimeError):
-    """The tokens file cannot be read or holds no token."""
+class CredentialFileError(RuntimeError):
+    """A file of credentials named in the settings (tokens, a certificate, a key, a CA) cannot be read or
+    holds none: the process does not start."""
 
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def _read_tokens(path: Path) -> tuple[list[str], tuple[int, int]]:
+def _read_tokens(path: Path, setting: str) -> tuple[list[str], tuple[int, int]]:
     """The file's tokens, and its (modification time, size) stamp as read."""
     try:
         stat = path.stat()
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        raise TokenFileError(f"GATEWAY_AUTH_TOKENS_FILE={path}: cannot read it ({error})") from error
+        raise CredentialFileError(f"{setting}={path}: cannot read it ({error})") from error
     tokens = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     return tokens, (stat.st_mtime_ns, stat.st_size)
 
@@ -44,9 +45,17 @@ def _read_tokens(path: Path) -> tuple[list[str], tuple[int, int]]:
 class Tokens:
     """The accepted tokens: fixed ones from settings plus those in a file, re-read when it changes."""
 
-    def __init__(self, listed: Iterable[str], file: str = "", recheck_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        listed: Iterable[str],
+        file: str = "",
+        recheck_s: float = 1.0,
+        setting: str = "GATEWAY_AUTH_TOKENS_FILE",
+    ) -> None:
+        """`setting`: the name of the file's setting, for messages."""
         self._fixed = [_digest(token.strip()) for token in listed if token.strip()]
         self._file = Path(file) if file else None
+        self._setting = setting
         self._recheck_s = recheck_s
         self._from_file: list[bytes] = []
         self._file_stamp: tuple[int, int] | None = None
@@ -54,7 +63,7 @@ class Tokens:
         if self._file is not None:
             self._load()
             if not self._from_file:
-                raise TokenFileError(f"GATEWAY_AUTH_TOKENS_FILE={self._file} holds no token")
+                raise CredentialFileError(f"{setting}={self._file} holds no token")
 
     @property
     def enabled(self) -> bool:
@@ -62,7 +71,7 @@ class Tokens:
 
     def _load(self) -> None:
         assert self._file is not None
-        tokens, self._file_stamp = _read_tokens(self._file)
+        tokens, self._file_stamp = _read_tokens(self._file, self._setting)
         self._from_file = [_digest(token) for token in tokens]
 
     def _refresh(self) -> None:
@@ -77,7 +86,7 @@ class Tokens:
             if (stat.st_mtime_ns, stat.st_size) != self._file_stamp:
                 self._load()
                 log.info("re-read %d tokens from %s", len(self._from_file), self._file)
-        except (OSError, TokenFileError) as error:
+        except (OSError, CredentialFileError) as error:
             log.warning("keeping the tokens last read: %s", error)
 
     def accepts(self, token: str) -> bool:
@@ -114,12 +123,12 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or (not self._protect_health and method.startswith(_OPEN_PREFIXES)):
+        if handler is None or (not self._protect_health and is_open_service(method)):
             return handler
         token = bearer_token(handler_call_details.invocation_metadata)
         if token is None:
             return _refusal(
-                handler, "this gateway needs a bearer token: send `authorization: Bearer <token>`"
+                handler, "this service needs a bearer token: send `authorization: Bearer <token>`"
             )
         if not self._tokens.accepts(token):
             return _refusal(handler, "the bearer token was not accepted: check the token you send")
@@ -136,14 +145,4 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
-    codec = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(refuse, **codec)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(refuse, **codec)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse_streaming, **codec)
-    return grpc.stream_stream_rpc_method_handler(refuse_streaming, **codec)
+    return rewrapped(handler, lambda _, __: refuse, lambda _, __: refuse_streaming)

@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 
 from services.common import metrics
 from services.common.errors import InvalidArgument, ServiceError
+from services.common.handlers import rewrapped
 
 log = logging.getLogger("rpc")
 
@@ -70,22 +71,11 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or full_method.startswith("/grpc."):
             return handler
         method = full_method.rsplit("/", 1)[-1]
-        codec = {
-            "request_deserializer": _tolerant(handler.request_deserializer),
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method), **codec)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, method, streamed=True), **codec
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(handler.unary_stream, method), **codec
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._streaming(handler.stream_stream, method, streamed=True), **codec
+        return rewrapped(
+            handler,
+            lambda behaviour, streamed: self._unary(behaviour, method, streamed),
+            lambda behaviour, streamed: self._streaming(behaviour, method, streamed),
+            _tolerant(handler.request_deserializer),
         )
 
     @contextlib.asynccontextmanager

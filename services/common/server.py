@@ -10,17 +10,19 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.auth import BearerAuthInterceptor, CredentialFileError, Tokens
 from services.common.interceptor import StatusInterceptor
+from services.common.limits import CallLimits
 from services.common.metrics import start_metrics_server
 from services.common.settings import ServiceSettings
-from services.common.tls import TlsFileError, server_credentials
+from services.common.tls import server_credentials
 
 log = logging.getLogger("server")
 
@@ -33,6 +35,32 @@ def configure_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+
+
+# Keepalive: the server pings a connection that has been quiet this long, and drops it when the ping goes
+# unanswered (a caller that vanished without closing); connections with no call for 5 minutes are closed
+# (callers reconnect when they need to); callers may ping at most every 10 s while they have no call.
+_KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.max_connection_idle_ms", 300_000),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+]
+
+
+def _server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        *_KEEPALIVE_OPTIONS,
+    ]
+    if settings.max_connection_age_s:
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_s * 1000)),
+        ]
+    return options
 
 
 async def _start_health_server(
@@ -53,30 +81,32 @@ async def serve(
     register: Register,
     startup: Callable[[], Coroutine[Any, Any, None]],
     shutdown: Callable[[], Awaitable[None]] | None = None,
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> None:
-    """Run one service until SIGTERM/SIGINT. `register` adds the servicers and returns their full names;
-    `interceptors` run inside the one that turns errors into status codes (so their refusals are counted)."""
+    """Run one service until SIGTERM/SIGINT. `register` adds the servicers and returns their full names."""
     configure_logging(settings.log_level)
+    prefix = settings.model_config.get("env_prefix", "")
     try:
         credentials = server_credentials(settings)
-    except TlsFileError as error:
+        tokens = Tokens(
+            settings.auth_tokens.split(","), settings.auth_tokens_file, setting=f"{prefix}AUTH_TOKENS_FILE"
+        )
+    except CredentialFileError as error:
         log.error("%s cannot start: %s", name, error)
         raise SystemExit(1) from error
-    options: list[tuple[str, int]] = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-    ]
-    if settings.max_connection_age_s:
-        options += [
-            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
-            ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_s * 1000)),
-        ]
-    server = grpc.aio.server(
-        interceptors=[StatusInterceptor(name), *interceptors],
-        options=options,
-        maximum_concurrent_rpcs=settings.max_concurrent_calls or None,
+    limits = CallLimits(
+        name,
+        prefix,
+        settings.max_concurrent_calls,
+        settings.max_calls_per_client,
+        settings.stream_idle_timeout_s,
+        trust_named_callers=not settings.public,
     )
+    # Outermost first: errors become status codes (and are counted) for whatever the others refuse.
+    interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor(name)]
+    if tokens.enabled:
+        interceptors.append(BearerAuthInterceptor(tokens, settings.auth_health))
+    interceptors.append(limits)
+    server = grpc.aio.server(interceptors=interceptors, options=_server_options(settings))
     service_names = register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

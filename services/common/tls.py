@@ -6,18 +6,15 @@ from pathlib import Path
 
 import grpc
 
+from services.common.auth import CredentialFileError
 from services.common.settings import ServiceSettings
-
-
-class TlsFileError(RuntimeError):
-    """A certificate, key or CA file named in the settings could not be read."""
 
 
 def read_pem(path: str, setting: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as error:
-        raise TlsFileError(f"{setting}={path}: cannot read it ({error.strerror})") from error
+        raise CredentialFileError(f"{setting}={path}: cannot read it ({error.strerror})") from error
 
 
 def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:

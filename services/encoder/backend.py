@@ -39,6 +39,11 @@ class EncoderBackend(ABC):
         `strict`: refuse inputs longer than the model's limit instead of truncating them.
         """
 
+    def cost(self, item: pb.Input) -> int:
+        """What preparing `item` costs, in the unit the worker's admission counts (characters of text,
+        pixels of images); cheap, and computed before anything is decoded or tokenised."""
+        return 1
+
     @abstractmethod
     def encode(self, batch: list[Prepared]) -> np.ndarray:
         """The model's full float32 output, one row per prepared input."""

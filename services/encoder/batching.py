@@ -1,15 +1,16 @@
 """Dynamic micro-batching: gather concurrent requests into model batches, run them off the event loop.
 
-Every input of every request joins one bounded queue. The loop takes the oldest inputs as soon as it
-has `max_batch_size` of them, or once the oldest has waited `max_wait_s`, whichever comes first; while
-the model runs, new inputs accumulate, so under load batches fill without any waiting. A request larger
-than a batch is split across batches. Past `max_queue` waiting inputs, submit refuses at once with
+Every input of every request joins one bounded queue, per caller. The loop forms a batch as soon as it
+has `max_batch_size` inputs, or once the oldest has waited `max_wait_s`, whichever comes first, taking
+the callers' inputs in turn (fairness.py), so a caller with many inputs waiting shares each batch with the
+others rather than making them wait behind all of its inputs; while the model runs, new inputs
+accumulate, so under load batches fill without any waiting. A request larger than a batch is split
+across batches. Past `max_queue` waiting inputs, submit refuses at once with
 RESOURCE_EXHAUSTED rather than queueing forever, and inputs whose caller has gone (cancelled) or whose
 deadline has passed are dropped before they reach the model.
 """
 
 import asyncio
-import collections
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 
 from services.common.errors import DeadlineExceeded, ResourceExhausted
 from services.encoder import metrics
+from services.encoder.fairness import RoundRobin
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -56,7 +58,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
-        self._queue: collections.deque[tuple[_Request[T], int, float]] = collections.deque()
+        self._queue: RoundRobin[tuple[_Request[T], int, float]] = RoundRobin()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._depth = metrics.QUEUE_DEPTH.labels(name)
@@ -75,8 +77,8 @@ class MicroBatcher(Generic[T, R]):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def submit(self, items: Sequence[T], timeout: float | None = None) -> list[R]:
-        """Queue `items`; return their results in order. `timeout`: seconds the caller will wait."""
+    async def submit(self, items: Sequence[T], timeout: float | None = None, caller: str = "") -> list[R]:
+        """Queue `items` as `caller`'s; return their results in order. `timeout`: seconds the caller will wait."""
         if not items:
             return []
         if len(self._queue) + len(items) > self.max_queue:
@@ -90,7 +92,8 @@ class MicroBatcher(Generic[T, R]):
         request: _Request[T] = _Request(
             items, loop.create_future(), None if timeout is None else now + timeout
         )
-        self._queue.extend((request, i, now) for i in range(len(items)))
+        for i in range(len(items)):
+            self._queue.push(caller, (request, i, now))
         self._depth.set(len(self._queue))
         self._arrived.set()
         return await request.future
@@ -108,7 +111,7 @@ class MicroBatcher(Generic[T, R]):
 
     async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait for a full batch, or until the oldest queued input has waited max_wait_s."""
-        oldest = self._queue[0][2]
+        oldest = min(arrived for _, _, arrived in self._queue.heads())
         while len(self._queue) < self.max_batch_size:
             remaining = oldest + self.max_wait_s - loop.time()
             if remaining <= 0:
@@ -123,7 +126,7 @@ class MicroBatcher(Generic[T, R]):
         batch: list[tuple[_Request[T], int]] = []
         dropped = 0
         while self._queue and len(batch) < self.max_batch_size:
-            request, index, _ = self._queue.popleft()
+            request, index, _ = self._queue.pop()
             if request.future.done():
                 dropped += 1
                 continue

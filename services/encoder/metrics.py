@@ -9,6 +9,11 @@ QUEUE_DEPTH = Gauge("batch_queue_depth", "Inputs waiting for a model batch", ["b
 QUEUE_REJECTED = Counter(
     "batch_queue_rejected_total", "Inputs refused because the queue was full", ["batcher"]
 )
+QUEUED_COST = Gauge(
+    "prepare_queued_cost",
+    "Cost (characters or pixels) of the requests admitted and not yet prepared",
+    ["worker"],
+)
 DROPPED = Counter(
     "batch_dropped_total",
     "Queued inputs dropped because the caller cancelled or its deadline passed",

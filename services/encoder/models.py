@@ -21,6 +21,7 @@ from services.common.inputs import kind_name
 from services.common.model_card import ModelCard
 from services.encoder.backend import EncoderBackend, Prepared
 from services.encoder.batching import MicroBatcher
+from services.encoder.preparing import PrepareLimits, Preparer
 
 log = logging.getLogger("encoder")
 
@@ -32,10 +33,11 @@ class ServedModel(ABC):
 
     @abstractmethod
     async def encode(
-        self, inputs: Sequence[pb.Input], strict: bool, timeout: float | None
+        self, inputs: Sequence[pb.Input], strict: bool, timeout: float | None, caller: str
     ) -> tuple[np.ndarray, Sequence[Prepared]]:
         """The raw rows of `inputs` (one per input, in order) and what each input's answer reports
-        (tokens, truncation); refusals name the input as `inputs[i]`."""
+        (tokens, truncation); refusals name the input as `inputs[i]`. `caller`: whose request it is
+        (callers.py), for a fair share of the worker."""
 
 
 class ModelSource(ABC):
@@ -66,40 +68,40 @@ class BatchLimits:
 
 
 class BatchedModel(ServedModel):
-    """A model backend behind a micro-batcher: each request is prepared on the preparation thread, then
+    """A model backend behind a micro-batcher: each request is admitted and prepared (preparing.py), then
     its inputs join the batches the model thread runs."""
 
     def __init__(
-        self,
-        backend: EncoderBackend,
-        card: ModelCard,
-        batcher: MicroBatcher,
-        prepare_thread: ThreadPoolExecutor,
+        self, backend: EncoderBackend, card: ModelCard, batcher: MicroBatcher, preparer: Preparer
     ) -> None:
         self.backend = backend
         self.card = card
         self.batcher = batcher
-        self._prepare_thread = prepare_thread
+        self._preparer = preparer
 
     async def encode(
-        self, inputs: Sequence[pb.Input], strict: bool, timeout: float | None
+        self, inputs: Sequence[pb.Input], strict: bool, timeout: float | None, caller: str
     ) -> tuple[np.ndarray, Sequence[Prepared]]:
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self._prepare_thread, self.backend.prepare, inputs, strict)
-        rows = await self.batcher.submit(prepared, timeout)
+        started = loop.time()
+        prepared = await self._preparer.prepare(self.backend, inputs, strict, timeout, caller)
+        left = None if timeout is None else timeout - (loop.time() - started)
+        rows = await self.batcher.submit(prepared, left, caller)
         return np.stack(rows), prepared
 
 
 class LoadedModels(ModelSource):
     """The fixed list of backends a worker loads at start, each with its micro-batcher."""
 
-    def __init__(self, backends: Sequence[EncoderBackend], limits: BatchLimits) -> None:
+    def __init__(
+        self, name: str, backends: Sequence[EncoderBackend], limits: BatchLimits, preparing: PrepareLimits
+    ) -> None:
         self._backends = list(backends)
         self._limits = limits
         self._models: dict[str, BatchedModel] = {}
         # One model thread: models take turns on the cores instead of oversubscribing them.
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
-        self._prepare_thread = ThreadPoolExecutor(1, thread_name_prefix="prepare")
+        self._preparer = Preparer(name, preparing)
 
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
@@ -123,8 +125,8 @@ class LoadedModels(ModelSource):
                 max_queue=self._limits.max_queue,
             )
             batcher.start()
-            model = BatchedModel(backend, card, batcher, self._prepare_thread)
-            rows, _ = await model.encode([backend.probe_input()], strict=False, timeout=None)
+            model = BatchedModel(backend, card, batcher, self._preparer)
+            rows, _ = await model.encode([backend.probe_input()], strict=False, timeout=None, caller="probe")
             if rows.shape != (1, card.dimension) or not np.all(np.isfinite(rows)):
                 raise RuntimeError(f"model {card.id} failed its probe encode: shape {rows.shape[1:]}")
             loaded[card.id] = model
@@ -134,10 +136,10 @@ class LoadedModels(ModelSource):
         self._models = loaded
 
     async def close(self) -> None:
+        self._preparer.close()
         for model in self._models.values():
             await model.batcher.close()
         self._model_thread.shutdown(wait=False, cancel_futures=True)
-        self._prepare_thread.shutdown(wait=False, cancel_futures=True)
 
     def pick(self, name: str, kinds: set[int]) -> ServedModel:
         if not self._models:

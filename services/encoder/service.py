@@ -11,6 +11,7 @@ from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import encoder_pb2_grpc as enc_grpc
 from embeddings.v1 import types_pb2 as pb
 
+from services.common.callers import CALLER
 from services.common.errors import InvalidArgument
 from services.common.inputs import FIELD_OF_KIND, check_batch_size, kind_name, kind_of
 from services.common.streaming import ordered_pipeline
@@ -55,7 +56,7 @@ class EncoderService(enc_grpc.EncoderServicer):
         model = self._source.pick(request.model, set(kinds))
         _check_kinds(model, kinds)
         check_options(request.options, model.card.dimension, model.card.id)
-        rows, prepared = await model.encode(request.inputs, request.options.strict, timeout)
+        rows, prepared = await model.encode(request.inputs, request.options.strict, timeout, CALLER.get())
         vectors = shape(rows, request.options)
         return enc.EncodeResponse(
             model=model.card.ref(),

@@ -51,3 +51,10 @@ class WorkerSettings(EncoderSettings):
         "model runs, so a longer wait only adds latency).",
     )
     max_queue: int = Field(2048, description="Most inputs waiting; past it: RESOURCE_EXHAUSTED.")
+    client_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Most of the work waiting to be prepared (see *_MAX_QUEUED_*) one client may hold; past it "
+        "its next request is refused with RESOURCE_EXHAUSTED.",
+    )

@@ -10,6 +10,7 @@ from embeddings.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.server import serve
 from services.encoder.backend import EncoderBackend
 from services.encoder.models import BatchLimits, LoadedModels
+from services.encoder.preparing import PrepareLimits
 from services.encoder.service import EncoderService
 from services.encoder.settings import EncoderSettings, WorkerSettings
 
@@ -29,14 +30,33 @@ def register_encoder(service: EncoderService, server: grpc.aio.Server) -> str:
     return str(encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name)
 
 
+def prepare_limits(settings: WorkerSettings, max_queued_cost: int, setting: str, unit: str) -> PrepareLimits:
+    """How the worker admits and prepares requests: `max_queued_cost` (named `setting`, counted in `unit`),
+    one preparation thread per core, chunks of 1/256 of the budget (a heavy request delays a light one by
+    one such chunk at most)."""
+    return PrepareLimits(
+        threads=os.cpu_count() or 1,
+        max_queued_cost=max_queued_cost,
+        caller_share=settings.client_share,
+        chunk_cost=max(1, max_queued_cost // 256),
+        setting=setting,
+        unit=unit,
+    )
+
+
 def run_worker(
-    name: str, settings: WorkerSettings, build_backends: Callable[[], list[EncoderBackend]]
+    name: str,
+    settings: WorkerSettings,
+    build_backends: Callable[[], list[EncoderBackend]],
+    preparing: PrepareLimits,
 ) -> None:
     """Serve the backends `build_backends` makes until SIGTERM/SIGINT (models load after the port opens)."""
     configure_torch(settings)
     limits = BatchLimits(settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue)
     service = EncoderService(
-        LoadedModels(build_backends(), limits), settings.max_inputs_per_request, settings.stream_window
+        LoadedModels(name, build_backends(), limits, preparing),
+        settings.max_inputs_per_request,
+        settings.stream_window,
     )
     asyncio.run(
         serve(

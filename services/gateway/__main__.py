@@ -5,9 +5,8 @@ import sys
 
 from pydantic import ValidationError
 
+from services.common.auth import CredentialFileError
 from services.common.server import serve
-from services.common.tls import TlsFileError
-from services.gateway.auth import TokenFileError
 from services.gateway.settings import GatewaySettings
 from services.gateway.wiring import Credentials, Gateway
 
@@ -19,12 +18,12 @@ def main() -> None:
         sys.exit(f"gateway cannot start: {error}")
     try:
         credentials = Credentials.from_settings(settings)
-    except (TlsFileError, TokenFileError) as error:
+    except CredentialFileError as error:
         sys.exit(f"gateway cannot start: {error}")
 
     async def run() -> None:
         gateway = Gateway(settings, credentials)
-        await serve("gateway", settings, gateway.register, gateway.start, gateway.close, gateway.interceptors)
+        await serve("gateway", settings, gateway.register, gateway.start, gateway.close)
 
     asyncio.run(run())
 

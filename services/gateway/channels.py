@@ -1,11 +1,98 @@
-"""Channels from the gateway to its backends (encoder workers, index shards, the user-item worker)."""
+"""Channels from the gateway to its backends (encoder workers, index shards, the user-item worker).
 
+Every call on them carries the gateway's credential for its backends (GATEWAY_BACKEND_TOKEN, as a bearer
+token; or the client certificate of mutual TLS) and names the gateway's caller it is made for
+(callers.py), so that a worker shares itself fairly between the gateway's callers.
+"""
+
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
+from services.common.auth import CredentialFileError
+from services.common.callers import CALLER, CALLER_METADATA
 from services.common.tls import channel_credentials
 from services.gateway.settings import GatewaySettings
+
+
+class _Identity:
+    """The backend token and the caller's name, added to the metadata of every call."""
+
+    def __init__(self, token: str) -> None:
+        self._fixed = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._fixed)
+        if caller := CALLER.get():
+            metadata.add(CALLER_METADATA, caller)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+
+# One interceptor per kind of call: a channel files an interceptor under the first kind it implements only.
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, identity: _Identity) -> None:
+        self._identity = identity
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return await continuation(self._identity.details(details), request)
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, identity: _Identity) -> None:
+        self._identity = identity
+
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return await continuation(self._identity.details(details), request)
+
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, identity: _Identity) -> None:
+        self._identity = identity
+
+    async def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, requests: Any
+    ) -> Any:
+        return await continuation(self._identity.details(details), requests)
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, identity: _Identity) -> None:
+        self._identity = identity
+
+    async def intercept_stream_stream(
+        self, continuation: Callable[..., Any], details: Any, requests: Any
+    ) -> Any:
+        return await continuation(self._identity.details(details), requests)
+
+
+def _identified(token: str) -> list[grpc.aio.ClientInterceptor]:
+    identity = _Identity(token)
+    return [_UnaryUnary(identity), _UnaryStream(identity), _StreamUnary(identity), _StreamStream(identity)]
+
+
+def backend_token(settings: GatewaySettings) -> str:
+    """GATEWAY_BACKEND_TOKEN, or the first line of GATEWAY_BACKEND_TOKEN_FILE (read now: a file that cannot
+    be read stops the start)."""
+    if not settings.backend_token_file:
+        return settings.backend_token.strip()
+    try:
+        lines = open(settings.backend_token_file, encoding="utf-8").read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CredentialFileError(
+            f"GATEWAY_BACKEND_TOKEN_FILE={settings.backend_token_file}: cannot read it ({error})"
+        ) from error
+    token = next((line.strip() for line in lines if line.strip()), "")
+    if not token:
+        raise CredentialFileError(f"GATEWAY_BACKEND_TOKEN_FILE={settings.backend_token_file} holds no token")
+    return token
 
 
 @dataclass(frozen=True)
@@ -16,6 +103,7 @@ class BackendChannels:
     reconnect_max_s: float
     credentials: grpc.ChannelCredentials | None = None
     server_name: str = ""
+    token: str = ""
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> "BackendChannels":
@@ -27,6 +115,7 @@ class BackendChannels:
             settings.worker_reconnect_max_s,
             credentials,
             settings.worker_tls_server_name,
+            backend_token(settings),
         )
 
     def open(self, address: str) -> grpc.aio.Channel:
@@ -40,8 +129,9 @@ class BackendChannels:
             ("grpc.initial_reconnect_backoff_ms", min(1000, int(self.reconnect_max_s * 1000))),
             ("grpc.max_reconnect_backoff_ms", int(self.reconnect_max_s * 1000)),
         ]
+        interceptors = _identified(self.token)
         if self.credentials is None:
-            return grpc.aio.insecure_channel(address, options=options)
+            return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
-        return grpc.aio.secure_channel(address, self.credentials, options=options)
+        return grpc.aio.secure_channel(address, self.credentials, options=options, interceptors=interceptors)

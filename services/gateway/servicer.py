@@ -40,12 +40,9 @@ class GatewayService(gw_grpc.GatewayServicer):
         self._settings = settings
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        """The caller's deadline governs every hop; GATEWAY_WORKER_TIMEOUT_S only when it set none."""
         remaining = context.time_remaining()
-        return (
-            self._settings.worker_timeout_s
-            if remaining is None
-            else min(remaining, self._settings.worker_timeout_s)
-        )
+        return self._settings.worker_timeout_s if remaining is None else remaining
 
     def _streamed(
         self,

@@ -1,6 +1,6 @@
 """Gateway settings, from GATEWAY_* environment variables."""
 
-from typing import Self
+from typing import ClassVar, Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -17,6 +17,9 @@ def addresses(listed: str) -> list[str]:
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
 
+    public: ClassVar[bool] = True  # the one door callers use: it may serve them without a credential
+
+    host: str = Field("0.0.0.0", description="Address the gRPC server binds to.")
     port: int = Field(50051, description="gRPC port of the public API.")
     metrics_port: int = Field(9150, description="Prometheus /metrics port; 0 disables it.")
     workers: str = Field(
@@ -102,18 +105,18 @@ class GatewaySettings(ServiceSettings):
         "that miss it as missing and returns the others' hits.",
     )
     max_k: int = Field(1000, description="Largest k of a Search.")
-    auth_tokens: str = Field(
-        "",
-        description="Comma-separated bearer tokens, any of which a caller may send as `authorization: Bearer "
-        "<token>`; with GATEWAY_AUTH_TOKENS_FILE, either works. Both empty: no authentication.",
+    max_calls_per_client: int = Field(
+        200,
+        description="Most calls one caller (a bearer token, else an IP address) has in flight at once; past it: "
+        "RESOURCE_EXHAUSTED. 0: no limit.",
     )
-    auth_tokens_file: str = Field(
+    backend_token: str = Field(
         "",
-        description="File of bearer tokens, one per line (# comments); re-read when it changes, so tokens "
-        "rotate without a restart.",
+        description="Bearer token the gateway sends to its workers and shards (one of their *_AUTH_TOKENS); "
+        "empty: none (they then need mutual TLS, or trust the network).",
     )
-    auth_health: bool = Field(
-        False, description="Also require a token for the health and reflection services (open by default)."
+    backend_token_file: str = Field(
+        "", description="File holding GATEWAY_BACKEND_TOKEN (its first line), read at start; instead of it."
     )
     worker_tls_ca: str = Field(
         "",
@@ -140,6 +143,8 @@ class GatewaySettings(ServiceSettings):
         if self.worker_tls_cert and not self.worker_tls_ca:
             raise ValueError("GATEWAY_WORKER_TLS_CERT (mutual TLS to workers) needs GATEWAY_WORKER_TLS_CA")
         check_pair(self.redis_tls_cert, self.redis_tls_key, "GATEWAY_REDIS_TLS_CERT", "GATEWAY_REDIS_TLS_KEY")
+        if self.backend_token and self.backend_token_file:
+            raise ValueError("set GATEWAY_BACKEND_TOKEN or GATEWAY_BACKEND_TOKEN_FILE, not both")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(
                 f"GATEWAY_REDIS_URL={self.redis_url!r}: use redis://, rediss:// or unix:// (empty: no cache)"

@@ -1,6 +1,7 @@
 """The gateway, wired in one place: every part it is made of, built from its settings.
 
-`Credentials.from_settings` reads what start-up must check before anything else (TLS files, tokens);
+`Credentials.from_settings` reads what start-up must check before anything else (TLS files, the backend
+token);
 `Gateway` then builds the backends' channels, the router, the cache, the shard set and the parts that
 serve each call, inside the event loop (gRPC's asyncio channels belong to it).
 """
@@ -12,7 +13,6 @@ from embeddings.v1 import gateway_pb2, gateway_pb2_grpc
 from embeddings.v1 import types_pb2 as pb
 
 from services.common.tls import read_pem
-from services.gateway.auth import BearerAuthInterceptor, Tokens
 from services.gateway.cache import RedisAccess, VectorCache
 from services.gateway.channels import BackendChannels
 from services.gateway.choosing import ModelChooser
@@ -33,11 +33,10 @@ class Credentials:
 
     channels: BackendChannels
     redis: RedisAccess
-    tokens: Tokens
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> "Credentials":
-        """Raises TlsFileError or TokenFileError naming the setting whose file cannot be read."""
+        """Raises CredentialFileError naming the setting whose file cannot be read."""
         for setting in ("redis_tls_ca", "redis_tls_cert", "redis_tls_key"):
             if path := getattr(settings, setting):
                 read_pem(
@@ -51,7 +50,6 @@ class Credentials:
                 settings.redis_tls_cert,
                 settings.redis_tls_key,
             ),
-            Tokens(settings.auth_tokens.split(","), settings.auth_tokens_file),
         )
 
 
@@ -95,10 +93,6 @@ class Gateway:
             Indexer(self.router, models, encoder, self.shards, settings),
             self.recommendations,
             settings,
-        )
-        tokens = credentials.tokens
-        self.interceptors: list[grpc.aio.ServerInterceptor] = (
-            [BearerAuthInterceptor(tokens, settings.auth_health)] if tokens.enabled else []
         )
 
     def register(self, server: grpc.aio.Server) -> list[str]:

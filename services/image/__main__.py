@@ -1,13 +1,14 @@
 """Run the image worker: python -m services.image (settings: IMAGE_* and CLIP_* environment variables)."""
 
-from services.encoder.worker import run_worker
+from services.encoder.worker import prepare_limits, run_worker
 from services.image.backends import build_backends
 from services.image.settings import ImageSettings
 
 
 def main() -> None:
     settings = ImageSettings()
-    run_worker("image", settings, lambda: build_backends(settings))
+    preparing = prepare_limits(settings, settings.max_queued_pixels, "IMAGE_MAX_QUEUED_PIXELS", "pixels")
+    run_worker("image", settings, lambda: build_backends(settings), preparing)
 
 
 if __name__ == "__main__":

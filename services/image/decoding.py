@@ -27,6 +27,16 @@ class ImageLimits:
     max_aspect_ratio: float
 
 
+def header_pixels(data: bytes) -> int:
+    """Width x height as the file's header states it (nothing is decoded); 0 when it has none readable."""
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+            width, height = image.size
+    except Exception:  # whatever the file is, decoding it reports what is wrong; the estimate only says 0
+        return 0
+    return int(width) * int(height)
+
+
 def decode_image(data: bytes, index: int, limits: ImageLimits, draft_side: int = 0) -> Image.Image:
     """The RGB picture in `data` (inputs[`index`] in messages).
 

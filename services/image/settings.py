@@ -22,6 +22,11 @@ class ImageSettings(WorkerSettings):
         description="Most pixels (width x height, read from the header before decoding) of an image; "
         "more: INVALID_ARGUMENT (decompression bombs stop here).",
     )
+    max_queued_pixels: int = Field(
+        2_000_000_000,
+        description="Pixels of images admitted and waiting to be decoded (read from their headers), all clients "
+        "together (a client: IMAGE_CLIENT_SHARE of it); past it: RESOURCE_EXHAUSTED at once.",
+    )
     max_aspect_ratio: float = Field(
         50.0, description="Longest side over shortest side of an image; more: INVALID_ARGUMENT."
     )

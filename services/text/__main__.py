@@ -1,13 +1,14 @@
 """Run the text worker: python -m services.text (settings: TEXT_* and CLIP_* environment variables)."""
 
-from services.encoder.worker import run_worker
+from services.encoder.worker import prepare_limits, run_worker
 from services.text.backends import build_backends
 from services.text.settings import TextSettings
 
 
 def main() -> None:
     settings = TextSettings()
-    run_worker("text", settings, lambda: build_backends(settings))
+    preparing = prepare_limits(settings, settings.max_queued_chars, "TEXT_MAX_QUEUED_CHARS", "characters")
+    run_worker("text", settings, lambda: build_backends(settings), preparing)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ class TextSettings(WorkerSettings):
     )
     sentence_model_id: str = Field("all-MiniLM-L6-v2", description="Model id of that model in requests.")
     sentence_model_space: str = Field("minilm", description="Space id of that model's vectors.")
+    max_queued_chars: int = Field(
+        32_000_000,
+        description="Characters of text admitted and waiting to be tokenised, all clients together (a client: "
+        "TEXT_CLIENT_SHARE of it); past it: RESOURCE_EXHAUSTED at once.",
+    )
     max_text_chars: int = Field(
         50_000, description="Longest text accepted, in characters; longer: INVALID_ARGUMENT."
     )

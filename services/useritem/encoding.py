@@ -20,7 +20,7 @@ class TrainedVectors(ServedModel):
         self.card = model.card
 
     async def encode(
-        self, inputs: Sequence[pb.Input], strict: bool, timeout: float | None
+        self, inputs: Sequence[pb.Input], strict: bool, timeout: float | None, caller: str
     ) -> tuple[np.ndarray, Sequence[Prepared]]:
         model = self.model
         rows = [

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.gateway.auth import BearerAuthInterceptor, TokenFileError, Tokens, bearer_token
+from services.common.auth import BearerAuthInterceptor, CredentialFileError, Tokens, bearer_token
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_a_missing_or_empty_tokens_file_is_an_error_at_start(tmp_path: Path, con
     path = tmp_path / "tokens"
     if content is not None:
         path.write_text(content)
-    with pytest.raises(TokenFileError, match="GATEWAY_AUTH_TOKENS_FILE"):
+    with pytest.raises(CredentialFileError, match="GATEWAY_AUTH_TOKENS_FILE"):
         Tokens([], str(path))
 
 

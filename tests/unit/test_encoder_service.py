@@ -11,6 +11,7 @@ from embeddings.v1 import types_pb2 as pb
 from services.common.model_card import ModelCard
 from services.encoder.backend import EncoderBackend, Prepared
 from services.encoder.models import BatchLimits, LoadedModels
+from services.encoder.preparing import PrepareLimits
 from services.encoder.service import EncoderService
 
 
@@ -40,8 +41,12 @@ async def test_list_models_is_empty_until_every_model_has_loaded() -> None:
     ready.set()
     service = EncoderService(
         LoadedModels(
+            "test",
             [_Backend("first", ready), _Backend("second", held)],
             BatchLimits(max_batch_size=8, max_wait_s=0.001, max_queue=64),
+            PrepareLimits(
+                threads=1, max_queued_cost=64, caller_share=0.5, chunk_cost=8, setting="X", unit="inputs"
+            ),
         ),
         max_inputs_per_request=8,
         stream_window=2,

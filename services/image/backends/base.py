@@ -12,7 +12,7 @@ from PIL import Image
 
 from services.common.errors import InvalidArgument
 from services.encoder.backend import EncoderBackend, Prepared
-from services.image.decoding import ImageLimits, decode_image
+from services.image.decoding import ImageLimits, decode_image, header_pixels
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -25,6 +25,11 @@ class ImageBackend(EncoderBackend):
 
     def __init__(self, limits: ImageLimits) -> None:
         self._limits = limits
+
+    def cost(self, item: pb.Input) -> int:
+        """Pixels, from the header: what decoding costs (an image over the limit costs the limit: it is
+        refused once its header is read, before it is decoded)."""
+        return min(header_pixels(item.image), self._limits.max_pixels)
 
     def prepare(self, inputs: Sequence[pb.Input], strict: bool) -> list[Prepared]:
         prepared = []

