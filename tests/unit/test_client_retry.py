@@ -4,7 +4,9 @@ is tested with a fake clock; the wiring (deadline and token on every attempt) ag
 gRPC server that fails on purpose."""
 
 import asyncio
+import itertools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -15,7 +17,7 @@ from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import gateway_pb2_grpc
 from embeddings.v1 import recommender_pb2 as rec
 
-from embeddings_client import Client, InvalidArgument, RetryPolicy, Unavailable
+from embeddings_client import AsyncClient, Client, InvalidArgument, RetryPolicy, Unavailable
 from embeddings_client.retry import acall_with_retry, call_with_retry
 from tests.unit.test_client_errors import FakeRpcError
 
@@ -130,12 +132,16 @@ class FailingGateway(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, failures: int) -> None:
         self.failures = failures
         self.calls: list[tuple[str, float | None, str]] = []
+        self.deadlines: list[float] = []  # each attempt's deadline, on this process's monotonic clock
         self.lock = threading.Lock()
 
     def _record(self, method: str, context: grpc.ServicerContext) -> None:
         token = dict(context.invocation_metadata()).get("authorization", "")
+        remaining = context.time_remaining()
         with self.lock:
-            self.calls.append((method, context.time_remaining(), str(token)))
+            self.calls.append((method, remaining, str(token)))
+            if remaining is not None:
+                self.deadlines.append(time.monotonic() + remaining)
 
     def ListModels(
         self, request: enc.ListModelsRequest, context: grpc.ServicerContext
@@ -175,15 +181,50 @@ def serve() -> Iterator[Callable[[FailingGateway], str]]:
         server.stop(None)
 
 
+# gRPC sends a deadline as a timeout of at most 8 digits, rounded up (to the millisecond, or coarser), and
+# the server turns it back into a deadline on its own clock: each attempt's deadline, seen by the server,
+# is the client's within this.
+DEADLINE_SLACK_S = 0.1
+
+
+def assert_one_deadline(servicer: FailingGateway, timeout_s: float, started: float) -> None:
+    """Every attempt ran against the one deadline of the call (not a fresh one per retry): so each saw
+    less time left than the one before, by at least the back-off waited between them."""
+    remaining = [left for _, left, _ in servicer.calls]
+    assert all(left is not None and left <= timeout_s + DEADLINE_SLACK_S for left in remaining), remaining
+    assert all(
+        abs(deadline - (started + timeout_s)) <= DEADLINE_SLACK_S for deadline in servicer.deadlines
+    ), [deadline - started for deadline in servicer.deadlines]
+    assert all(later < earlier for earlier, later in itertools.pairwise(remaining)), remaining  # type: ignore[operator]
+
+
 def test_the_client_retries_unary_calls_with_its_deadline_and_token(
     serve: Callable[[FailingGateway], str],
 ) -> None:
     servicer = FailingGateway(failures=2)
-    policy = RetryPolicy(initial_backoff_s=0.01)
+    policy = RetryPolicy(initial_backoff_s=0.2, random=lambda: 1.0)  # waits 0.2 s, then 0.4 s
+    started = time.monotonic()
     with Client(serve(servicer), token="sesame", timeout_s=5.0, retry=policy) as client:
         assert client.list_models() == []
     assert [method for method, _, _ in servicer.calls] == ["ListModels"] * 3
-    assert all(remaining is not None and remaining <= 5.0 for _, remaining, _ in servicer.calls)
+    assert_one_deadline(servicer, 5.0, started)
+    assert {token for _, _, token in servicer.calls} == {"Bearer sesame"}
+
+
+def test_the_asyncio_client_retries_against_a_server_with_its_deadline_and_token(
+    serve: Callable[[FailingGateway], str],
+) -> None:
+    servicer = FailingGateway(failures=2)
+    policy = RetryPolicy(initial_backoff_s=0.2, random=lambda: 1.0)
+
+    async def call() -> list[Any]:
+        async with AsyncClient(serve(servicer), token="sesame", timeout_s=5.0, retry=policy) as client:
+            return await client.list_models()
+
+    started = time.monotonic()
+    assert asyncio.run(call()) == []
+    assert [method for method, _, _ in servicer.calls] == ["ListModels"] * 3
+    assert_one_deadline(servicer, 5.0, started)
     assert {token for _, _, token in servicer.calls} == {"Bearer sesame"}
 
 
