@@ -27,6 +27,12 @@ class IndexSettings(BaseSettings):
     snapshot_interval_s: float = Field(
         300.0, description="Snapshot a shard with unsnapshotted writes at least this often."
     )
+    close_snapshot_s: float = Field(
+        5.0,
+        description="Longest the snapshots at shutdown (one in progress, then the final one) may take in "
+        "all; past it they are given up (the log holds every write, the next start replays it). 0: no "
+        "snapshot at shutdown.",
+    )
     ann_threshold: int = Field(
         20_000,
         description="A space with at least this many items switches from exact search to the ANN "
