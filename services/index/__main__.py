@@ -16,12 +16,14 @@ from embeddings.v1 import index_pb2, index_pb2_grpc
 
 from services.common.server import serve
 from services.index import salvage, verify
+from services.index.memory import return_freed_arrays
 from services.index.service import IndexService
 from services.index.settings import ShardSettings
 from services.index.store import IndexStore
 
 
 def run_shard() -> None:
+    return_freed_arrays()
     settings = ShardSettings()
     store = IndexStore(settings)
     shard = settings.shard_name or f"{socket.gethostname()}:{settings.port}"

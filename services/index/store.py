@@ -3,8 +3,8 @@
 Every write goes through one writer task: it takes all writes waiting, appends their records to the
 log, fsyncs once for all of them (group commit), applies them to the spaces in log order and only then
 acknowledges them. So an acknowledged write is on disk, and memory never holds what the log does not.
-Snapshots are taken by the same writer between two batches, so each is one consistent moment. A snapshot
-is read back before the older ones are
+Snapshots are taken by the same writer between two batches, so each is one consistent moment; the writer
+also compacts a space whose retired rows dominate. A snapshot is read back before the older ones are
 deleted: the newest two are kept, with the log from the older one's segment on, so that a damaged
 snapshot found on start can be replaced by the one before it and the log.
 """
@@ -52,6 +52,7 @@ class IndexStore:
         self._queue: asyncio.Queue[_Write | str | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._unsnapshotted = 0  # ops logged since the last snapshot
+        self._unsnapshotted_bytes = 0  # and their bytes
         self._snapshot_task: asyncio.Task[None] | None = None
         self._snapshot_deadline = snapshot.Deadline()
         self._kept: int | None = None  # the newest snapshot known intact (loaded, or written and read back)
@@ -86,6 +87,7 @@ class IndexStore:
         self._kept = recovered.snapshot
         self._dimensions = {name: space.dimension for name, space in self.spaces.items()}
         self._unsnapshotted = len(recovered.ops)
+        self._unsnapshotted_bytes = self._log.bytes_from(recovered.start)
         return len(recovered.ops)
 
     async def close(self) -> None:
@@ -168,7 +170,10 @@ class IndexStore:
             await self._commit(batch)
             if stop:
                 return
-            if self._unsnapshotted >= self._settings.snapshot_every_ops:
+            if (
+                self._unsnapshotted >= self._settings.snapshot_every_ops
+                or self._unsnapshotted_bytes >= self._settings.snapshot_log_bytes
+            ):
                 await self._snapshot()
 
     def _more(self, first: _Write | str | None) -> list[_Write | str | None]:
@@ -181,7 +186,7 @@ class IndexStore:
     async def _commit(self, batch: list[_Write]) -> None:
         """Log, sync and apply a batch of writes, then acknowledge them (or fail them all)."""
         try:
-            await asyncio.to_thread(self._persist, batch)
+            logged = await asyncio.to_thread(self._persist, batch)
         except Exception as error:
             # A failed write was cut back off the log; anything else leaves the log and memory in doubt,
             # so further writes are refused until a restart rebuilds memory from the log.
@@ -194,16 +199,20 @@ class IndexStore:
         for pending in batch:
             pending.done.set_result(None)
         self._unsnapshotted += sum(len(pending.ops) for pending in batch)
+        self._unsnapshotted_bytes += logged
 
     async def _snapshot_timer(self) -> None:
         while True:
             await asyncio.sleep(self._settings.snapshot_interval_s)
             self._queue.put_nowait(_SNAPSHOT)
 
-    def _persist(self, batch: list[_Write]) -> None:
+    def _persist(self, batch: list[_Write]) -> int:
+        """Log and apply a batch; returns the bytes logged."""
         ops = [op for pending in batch for op in pending.ops]
-        self._log.write(b"".join(map(encode, ops)), sync=self._settings.fsync == "always")
+        frames = b"".join(map(encode, ops))
+        self._log.write(frames, sync=self._settings.fsync == "always")
         self._apply(ops)
+        return len(frames)
 
     def _apply(self, ops: Sequence[Op]) -> None:
         by_space: dict[str, list[Op]] = defaultdict(list)
@@ -219,6 +228,8 @@ class IndexStore:
                 self._dimensions.setdefault(name, space.dimension)
             for start in range(0, len(space_ops), _APPLY_CHUNK):
                 space.apply(space_ops[start : start + _APPLY_CHUNK])
+                if space.wants_compaction(self._settings.compact_min_retired):
+                    space.compact()
 
     async def _sync_periodically(self) -> None:
         while True:
@@ -244,7 +255,7 @@ class IndexStore:
                 self._broken = "the log could not be cut back after a failed roll"
             return
         states = await asyncio.to_thread(lambda: {name: space.state() for name, space in self.spaces.items()})
-        self._unsnapshotted = 0
+        self._unsnapshotted = self._unsnapshotted_bytes = 0
         self._snapshot_deadline = deadline or snapshot.Deadline()
         self._snapshot_task = asyncio.get_running_loop().create_task(
             self._write_snapshot(segment, states, self._snapshot_deadline)

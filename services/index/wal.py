@@ -248,6 +248,10 @@ class AppendLog:
             self._mark(len(MAGIC))
             return self.segment
 
+    def bytes_from(self, segment: int) -> int:
+        """The size of the segments from `segment` on."""
+        return sum(self._path(number).stat().st_size for number in self.segments() if number >= segment)
+
     def drop_before(self, segment: int) -> None:
         """Delete the segments that no kept snapshot needs."""
         for old in self.segments():

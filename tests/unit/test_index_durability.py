@@ -43,7 +43,10 @@ async def _settled(store: IndexStore) -> None:
     settings = store._settings
 
     def settled() -> bool:
-        due = store._unsnapshotted >= settings.snapshot_every_ops
+        due = (
+            store._unsnapshotted >= settings.snapshot_every_ops
+            or store._unsnapshotted_bytes >= settings.snapshot_log_bytes
+        )
         return not due and (store._snapshot_task is None or store._snapshot_task.done())
 
     await until(settled)
@@ -312,6 +315,20 @@ async def test_a_snapshot_past_the_close_budget_is_given_up_and_nothing_is_lost(
     apply_to(expected, ops)
     monkeypatch.setattr(snapshot, "write", real_write)
     assert_contents(await open_store(settings), "s", expected)
+
+
+async def test_a_snapshot_is_also_taken_when_the_log_grows_past_its_byte_bound(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
+    settings = store_settings(tmp_path, snapshot_log_bytes=4096)
+    store = await open_store(settings)
+    rows = unit_rows(30, _DIM, seed=7)
+    payload = json.dumps({"p": "x" * 200})
+    for n in range(30):  # about 290 bytes each: past 4096 bytes after 15 writes
+        await store.write([upsert("s", f"i{n}", rows[n], payload=payload)])
+        await _settled(store)
+    assert snapshot_names(settings)  # the op bound (100,000) is far off
+    assert store._unsnapshotted < 15
 
 
 # --- an upgrade: data written by the first on-disk format ---------------------------------------------
