@@ -759,10 +759,13 @@ def test_k8s_environment_is_settings_of_the_service(key: str) -> None:
                 assert not settings.tls_cert, (
                     f"{ours.where}: {name} is plaintext but the main port speaks TLS"
                 )
-    # in-flight calls get their grace before Kubernetes kills the pod
+    # in-flight calls get their grace, and a shard's closing snapshot its budget, before Kubernetes kills
+    # the pod
     grace = ours.pod_spec.get("terminationGracePeriodSeconds", 30)
-    assert settings.shutdown_grace_s < grace, (
-        f"{ours.where}: shutdown_grace_s {settings.shutdown_grace_s} is not below terminationGracePeriodSeconds {grace}"
+    closing = settings.shutdown_grace_s + getattr(settings, "close_snapshot_s", 0.0)
+    assert closing < grace, (
+        f"{ours.where}: shutdown_grace_s {settings.shutdown_grace_s} (and close_snapshot_s) is not below "
+        f"terminationGracePeriodSeconds {grace}"
     )
     # the image's user is the one the pod runs as
     uid = numeric_uid(target_user(ours.service))

@@ -27,6 +27,23 @@ class IndexSettings(BaseSettings):
     snapshot_interval_s: float = Field(
         300.0, description="Snapshot a shard with unsnapshotted writes at least this often."
     )
+    snapshot_log_bytes: int = Field(
+        64 * 1024 * 1024,
+        description="Snapshot also once the log written since the last snapshot reaches this many bytes "
+        "(with the two snapshots kept, the log on disk stays under about twice this).",
+    )
+    close_snapshot_s: float = Field(
+        5.0,
+        description="Longest the snapshots at shutdown (one in progress, then the final one) may take in "
+        "all; past it they are given up (the log holds every write, the next start replays it). 0: no "
+        "snapshot at shutdown.",
+    )
+    compact_min_retired: int = Field(
+        10_000,
+        description="A space's replaced and deleted rows are dropped from memory (its rows and engine "
+        "rebuilt, off the event loop) once they are at least this many and at least as many as its live "
+        "items.",
+    )
     ann_threshold: int = Field(
         20_000,
         description="A space with at least this many items switches from exact search to the ANN "

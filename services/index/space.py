@@ -1,9 +1,11 @@
 """One space's items on one shard: rows of vectors with their ids, kinds, payloads and models.
 
 Rows are only appended: an upsert of an existing id appends a new row and retires the old one, a delete
-retires a row. Retired rows are masked out of every search and dropped when the space is next loaded
-from a snapshot. One lock serialises mutations and searches of the space (FAISS indexes are not safe
-for a search during an add); the store applies writes in small chunks so searches interleave.
+retires a row. Retired rows are masked out of every search, and dropped (`compact`) once they are as many
+as the live ones and past a floor, so that memory stays proportional to the live items whatever the
+rewrites; loading a snapshot drops them too. One lock serialises mutations and searches of the space
+(FAISS indexes are not safe for a search during an add); the store applies writes in small chunks so
+searches interleave.
 """
 
 import json
@@ -59,6 +61,48 @@ class Space:
     @property
     def live(self) -> int:
         return len(self.row_of)
+
+    def wants_compaction(self, floor: int) -> bool:
+        """Retired rows are at least `floor` and at least as many as the live ones: dropping them costs
+        a copy of the live rows, paid for by as many writes."""
+        retired = self.count - self.live
+        return retired >= max(self.live, floor, 1)
+
+    def compact(self) -> None:
+        """Rebuild the rows, postings and engine from the live rows only. Only the store's writer mutates a
+        space, so the rows stay as they are while this builds outside the lock; searches go on over the
+        old rows until the swap."""
+        keep = np.flatnonzero(self._alive[: self.count])
+        fresh = Space.from_state(
+            self.name,
+            {
+                "vectors": self._vectors[keep],
+                "kinds": self._kinds[keep],
+                "alive": np.ones(keep.shape[0], dtype=bool),
+                "models": self._models[keep],
+                "ids": [self.ids[row] for row in keep.tolist()],
+                "payloads": [self.payloads[row] for row in keep.tolist()],
+                "model_refs": list(self.model_refs),
+                "engine": self.engine.name,
+                "engine_state": None,
+            },
+            self.config,
+        )
+        with self.lock:
+            self.count = fresh.count
+            self._vectors, self._kinds, self._alive, self._models = (
+                fresh._vectors,
+                fresh._kinds,
+                fresh._alive,
+                fresh._models,
+            )
+            self.ids, self.payloads, self.row_of, self._postings = (
+                fresh.ids,
+                fresh.payloads,
+                fresh.row_of,
+                fresh._postings,
+            )
+            self.engine = fresh.engine
 
     def _grow(self, needed: int) -> None:
         capacity = self._vectors.shape[0]

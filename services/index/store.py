@@ -3,7 +3,10 @@
 Every write goes through one writer task: it takes all writes waiting, appends their records to the
 log, fsyncs once for all of them (group commit), applies them to the spaces in log order and only then
 acknowledges them. So an acknowledged write is on disk, and memory never holds what the log does not.
-Snapshots are taken by the same writer between two batches, so each is one consistent moment.
+Snapshots are taken by the same writer between two batches, so each is one consistent moment; the writer
+also compacts a space whose retired rows dominate. A snapshot is read back before the older ones are
+deleted: the newest two are kept, with the log from the older one's segment on, so that a damaged
+snapshot found on start can be replaced by the one before it and the log.
 """
 
 import asyncio
@@ -19,6 +22,7 @@ import numpy as np
 from services.common.errors import InvalidArgument, Unavailable
 from services.index import snapshot
 from services.index.records import Op, encode
+from services.index.recovery import recover
 from services.index.settings import IndexSettings
 from services.index.space import Found, Space
 from services.index.wal import AppendLog
@@ -47,8 +51,11 @@ class IndexStore:
         # None: stop. _SNAPSHOT: the snapshot timer's turn, taken between two write batches.
         self._queue: asyncio.Queue[_Write | str | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        self._unsnapshotted = 0
+        self._unsnapshotted = 0  # ops logged since the last snapshot
+        self._unsnapshotted_bytes = 0  # and their bytes
         self._snapshot_task: asyncio.Task[None] | None = None
+        self._snapshot_deadline = snapshot.Deadline()
+        self._kept: int | None = None  # the newest snapshot known intact (loaded, or written and read back)
         self._closing = False
         self._broken: str = ""
         self._opened = False  # open() has loaded everything: until then the spaces are incomplete
@@ -64,7 +71,6 @@ class IndexStore:
             {name: space.live for name, space in self.spaces.items()} or "empty",
             replayed,
         )
-        self._unsnapshotted = replayed
         self._opened = True
         self._tasks.append(asyncio.get_running_loop().create_task(self._writer()))
         self._tasks.append(asyncio.get_running_loop().create_task(self._snapshot_timer()))
@@ -72,20 +78,22 @@ class IndexStore:
             self._tasks.append(asyncio.get_running_loop().create_task(self._sync_periodically()))
 
     def _load(self) -> int:
-        start = 0
-        found = snapshot.latest(self._snapshots)
-        if found is not None:
-            start, states = found
-            for name, state in states.items():
-                self.spaces[name] = Space.from_state(name, state, self._config)
-        ops = self._log.replay(start)
-        self._apply(ops)
-        self._log.open(start)
+        """Load a snapshot and the log after it (or refuse: `Damaged`); returns the ops replayed."""
+        recovered = recover(Path(self._settings.data_dir), self._log)
+        for name, state in recovered.states.items():
+            self.spaces[name] = Space.from_state(name, state, self._config)
+        self._apply(recovered.ops)
+        self._log.open(recovered.start)
+        self._kept = recovered.snapshot
         self._dimensions = {name: space.dimension for name, space in self.spaces.items()}
-        return len(ops)
+        self._unsnapshotted = len(recovered.ops)
+        self._unsnapshotted_bytes = self._log.bytes_from(recovered.start)
+        return len(recovered.ops)
 
     async def close(self) -> None:
-        """Finish the writes taken, snapshot (so the next start replays nothing) and close the log."""
+        """Finish the writes taken, snapshot (so the next start replays nothing) and close the log. The
+        snapshots (one in progress, and the one at close) get INDEX_CLOSE_SNAPSHOT_S in all; past that
+        they are given up: the log holds every write, and the next start replays it."""
         self._closing = True
         if self._tasks:
             self._queue.put_nowait(None)
@@ -93,10 +101,12 @@ class IndexStore:
             for task in self._tasks[1:]:
                 task.cancel()
             await asyncio.gather(*self._tasks[1:], return_exceptions=True)
+        deadline = time.monotonic() + self._settings.close_snapshot_s
         if self._snapshot_task is not None:
+            self._snapshot_deadline.at = deadline
             await asyncio.gather(self._snapshot_task, return_exceptions=True)
-        if self._unsnapshotted:
-            await self._snapshot(wait=True)
+        if self._unsnapshotted and self._settings.close_snapshot_s > 0:
+            await self._snapshot(snapshot.Deadline(deadline), wait=True)
         self._log.close()
 
     def check_open(self) -> None:
@@ -160,7 +170,10 @@ class IndexStore:
             await self._commit(batch)
             if stop:
                 return
-            if self._unsnapshotted >= self._settings.snapshot_every_ops:
+            if (
+                self._unsnapshotted >= self._settings.snapshot_every_ops
+                or self._unsnapshotted_bytes >= self._settings.snapshot_log_bytes
+            ):
                 await self._snapshot()
 
     def _more(self, first: _Write | str | None) -> list[_Write | str | None]:
@@ -173,7 +186,7 @@ class IndexStore:
     async def _commit(self, batch: list[_Write]) -> None:
         """Log, sync and apply a batch of writes, then acknowledge them (or fail them all)."""
         try:
-            await asyncio.to_thread(self._persist, batch)
+            logged = await asyncio.to_thread(self._persist, batch)
         except Exception as error:
             # A failed write was cut back off the log; anything else leaves the log and memory in doubt,
             # so further writes are refused until a restart rebuilds memory from the log.
@@ -186,16 +199,20 @@ class IndexStore:
         for pending in batch:
             pending.done.set_result(None)
         self._unsnapshotted += sum(len(pending.ops) for pending in batch)
+        self._unsnapshotted_bytes += logged
 
     async def _snapshot_timer(self) -> None:
         while True:
             await asyncio.sleep(self._settings.snapshot_interval_s)
             self._queue.put_nowait(_SNAPSHOT)
 
-    def _persist(self, batch: list[_Write]) -> None:
+    def _persist(self, batch: list[_Write]) -> int:
+        """Log and apply a batch; returns the bytes logged."""
         ops = [op for pending in batch for op in pending.ops]
-        self._log.write(b"".join(map(encode, ops)), sync=self._settings.fsync == "always")
+        frames = b"".join(map(encode, ops))
+        self._log.write(frames, sync=self._settings.fsync == "always")
         self._apply(ops)
+        return len(frames)
 
     def _apply(self, ops: Sequence[Op]) -> None:
         by_space: dict[str, list[Op]] = defaultdict(list)
@@ -211,6 +228,8 @@ class IndexStore:
                 self._dimensions.setdefault(name, space.dimension)
             for start in range(0, len(space_ops), _APPLY_CHUNK):
                 space.apply(space_ops[start : start + _APPLY_CHUNK])
+                if space.wants_compaction(self._settings.compact_min_retired):
+                    space.compact()
 
     async def _sync_periodically(self) -> None:
         while True:
@@ -221,25 +240,57 @@ class IndexStore:
                 log.exception("index log fsync failed; writes are refused until a restart")
                 self._broken = "fsync failed"
 
-    async def _snapshot(self, wait: bool = False) -> None:
+    async def _snapshot(self, deadline: snapshot.Deadline | None = None, wait: bool = False) -> None:
         """Roll the log and capture every space (between two write batches), then write it to disk in
-        the background; the log segments it covers are deleted once it is durable."""
+        the background; older snapshots and log segments are deleted once it is read back intact."""
         if self._snapshot_task is not None and not self._snapshot_task.done():
             return
-        segment = await asyncio.to_thread(self._log.roll)
+        if self._broken:
+            return  # memory may not match the log: only a restart may snapshot it
+        try:
+            segment = await asyncio.to_thread(self._log.roll)
+        except OSError:
+            log.exception("index log could not roll over for a snapshot; the log still holds everything")
+            if not self._log.healthy:
+                self._broken = "the log could not be cut back after a failed roll"
+            return
         states = await asyncio.to_thread(lambda: {name: space.state() for name, space in self.spaces.items()})
-        self._unsnapshotted = 0
-        self._snapshot_task = asyncio.get_running_loop().create_task(self._write_snapshot(segment, states))
+        self._unsnapshotted = self._unsnapshotted_bytes = 0
+        self._snapshot_deadline = deadline or snapshot.Deadline()
+        self._snapshot_task = asyncio.get_running_loop().create_task(
+            self._write_snapshot(segment, states, self._snapshot_deadline)
+        )
         if wait:
             await self._snapshot_task
 
-    async def _write_snapshot(self, segment: int, states: dict[str, dict[str, object]]) -> None:
+    async def _write_snapshot(
+        self, segment: int, states: dict[str, dict[str, object]], deadline: snapshot.Deadline
+    ) -> None:
         started = time.monotonic()
         try:
-            await asyncio.to_thread(snapshot.write, self._snapshots, segment, states)
-            await asyncio.to_thread(snapshot.drop_before, self._snapshots, segment)
-            await asyncio.to_thread(self._log.drop_before, segment)
+            folder = await asyncio.to_thread(snapshot.write, self._snapshots, segment, states, deadline)
+            problems = await asyncio.to_thread(snapshot.read_back, folder, deadline)
+            if problems:
+                aside = await asyncio.to_thread(snapshot.set_aside, folder)
+                log.error(
+                    "index snapshot %d read back damaged (%s), moved to %s; the log still holds everything",
+                    segment,
+                    "; ".join(map(str, problems)),
+                    aside,
+                )
+                return
+            if self._kept is not None:
+                await asyncio.to_thread(snapshot.drop_before, self._snapshots, self._kept)
+                await asyncio.to_thread(self._log.drop_before, self._kept)
+            self._kept = segment
+        except snapshot.Abandoned:
+            log.warning(
+                "index snapshot %d given up after %.1fs (past its deadline); the log still holds everything",
+                segment,
+                time.monotonic() - started,
+            )
+            return
         except OSError:
             log.exception("index snapshot %d failed; the log still holds everything", segment)
             return
-        log.info("index snapshot %d written in %.1fs", segment, time.monotonic() - started)
+        log.info("index snapshot %d written and read back in %.1fs", segment, time.monotonic() - started)

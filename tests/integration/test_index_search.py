@@ -25,6 +25,7 @@ from harness.processes import RedisServer, Service, free_port, gateway, health_s
 from services.common.vectors import to_wire
 from services.gateway.sharding import shard_of
 from services.index.records import Item, Op, encode
+from services.index.wal import AppendLog
 from tests.clip_checkpoint import TinyClip
 from tests.image_files import photo
 
@@ -343,13 +344,17 @@ BALLAST = 150_000
 
 
 def add_ballast(data_dir: Path, rows: int = BALLAST) -> None:
-    """Give a stopped shard a last log segment of `rows` tiny items (space "ballast"), framed as its writer
-    frames them: its next start replays them, which takes a second or so, a window to observe."""
-    log = data_dir / "log"
-    newest = max(int(path.stem) for path in log.glob("*.log"))
+    """Give a stopped shard a last log segment of `rows` tiny items (space "ballast"), appended as its writer
+    appends them: its next start replays them, which takes a second or so, a window to observe."""
+    log = AppendLog(data_dir / "log")
+    log.replay(log.segments()[0])  # cuts off a record the kill tore, as the shard would
+    log.open(0)
+    log.roll()
     vectors = unit_vectors(np.random.default_rng(9), rows, 4)
-    frames = (encode(Op("ballast", f"b{n}", Item(f"b{n}", vectors[n]))) for n in range(rows))
-    (log / f"{newest + 1:012d}.log").write_bytes(b"".join(frames))
+    log.write(
+        b"".join(encode(Op("ballast", f"b{n}", Item(f"b{n}", vectors[n]))) for n in range(rows)), sync=True
+    )
+    log.close()
 
 
 def probe_while_loading(shard: Service, item_id: str, vector: np.ndarray) -> list[str]:

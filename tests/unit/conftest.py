@@ -1,10 +1,14 @@
-"""Fixtures for the unit tests: a real, throwaway redis-server for the vector cache tests."""
+"""Fixtures for the unit tests: a real, throwaway redis-server for the vector cache tests; index stores
+opened in a test's data directories."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
 from harness.processes import RedisServer, running
+from services.index.settings import IndexSettings
+from services.index.store import IndexStore
+from tests.unit.index_data import OpenStore
 
 
 @pytest.fixture(scope="module")
@@ -28,3 +32,20 @@ def start_redis() -> Iterator[Callable[..., RedisServer]]:
     yield start
     for server in started:
         server.kill()
+
+
+@pytest.fixture
+async def open_store() -> AsyncIterator[OpenStore]:
+    """Open stores; those still open at the end (not closed or killed by the test) are closed."""
+    opened: list[IndexStore] = []
+
+    async def start(settings: IndexSettings) -> IndexStore:
+        store = IndexStore(settings)
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield start
+    for store in opened:
+        if store._log._fd is not None:
+            await store.close()
