@@ -13,7 +13,7 @@ from embeddings.v1 import gateway_pb2 as gw
 from embeddings.v1 import index_pb2 as idx
 from embeddings.v1 import types_pb2 as pb
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, NotFound
 from services.common.inputs import check_batch_size, check_kinds, kind_of
 from services.common.items import ItemRules
 from services.common.model_card import ModelCard
@@ -23,7 +23,8 @@ from services.gateway.choosing import ModelChooser
 from services.gateway.encoding import CachingEncoder
 from services.gateway.routing import Router
 from services.gateway.settings import GatewaySettings
-from services.gateway.sharding import ShardSet, invalid_space
+from services.gateway.sharding import Merged, ShardSet, invalid_space
+from services.gateway.spaces import SpaceClaims
 
 
 class Indexer:
@@ -33,29 +34,26 @@ class Indexer:
         models: ModelChooser,
         encoder: CachingEncoder,
         shards: ShardSet,
+        spaces: SpaceClaims,
         settings: GatewaySettings,
     ) -> None:
         self._router = router
         self._models = models
         self._encoder = encoder
         self._shards = shards
+        self._spaces = spaces
         self._settings = settings
         self._items = ItemRules(settings.max_id_bytes, settings.max_payload_bytes, "GATEWAY_")
+
+    def _model_spaces(self) -> set[str]:
+        return {card.space for card in self._router.cards}
 
     def _model_dimension(self, space: str) -> int | None:
         return next((card.dimension for card in self._router.cards if card.space == space), None)
 
-    def _known_spaces(self) -> set[str]:
-        return {card.space for card in self._router.cards} | set(self._shards.dimensions)
-
     def _check_vector(self, vector: pb.Vector, space: str, field: str) -> np.ndarray:
         values = unit_vector(vector, field)
-        dimension = self._model_dimension(space) or self._shards.dimensions.get(space)
-        if dimension is not None and values.shape[0] != dimension:
-            raise InvalidArgument(
-                f"has {values.shape[0]} dimensions but space {space!r} holds {dimension}-dimensional vectors",
-                field=field,
-            )
+        _check_dimension(values.shape[0], self._model_dimension(space), space, field)
         return values
 
     async def search(self, request: gw.SearchRequest, timeout: float) -> gw.SearchResponse:
@@ -72,15 +70,26 @@ class Indexer:
         elif request.HasField("vector"):
             if not space:
                 raise InvalidArgument("a vector query needs `space`: the space the vector belongs to")
-            if space not in self._known_spaces():
-                raise invalid_space(space, {card.space for card in self._router.cards})
             query = self._check_vector(request.vector, space, "vector")
         else:
             raise InvalidArgument("the query is empty: set `input` (to encode) or `vector`")
-        merged = await self._shards.search(
-            idx.IndexSearchRequest(space=space, query=to_wire(query), k=request.k, filter=request.filter),
-            self._shard_budget(deadline),
-        )
+        field = "input" if request.HasField("input") else "vector"
+
+        async def search() -> Merged | None:
+            claim = await self._spaces.lookup(space, self._shard_budget(deadline))
+            if claim is None:
+                return None
+            _check_dimension(query.shape[0], claim.dimension, space, field)
+            searched = idx.IndexSearchRequest(
+                space=space, query=to_wire(query), k=request.k, filter=request.filter, space_epoch=claim.epoch
+            )
+            return await self._shards.search(searched, self._shard_budget(deadline))
+
+        merged = await self._spaces.retrying(space, search)
+        if merged is None:  # no vector was ever stored in the space
+            if space not in self._model_spaces():
+                raise invalid_space(space, self._model_spaces())
+            merged = Merged([], [])
         return gw.SearchResponse(
             hits=merged.hits,
             space=space,
@@ -114,7 +123,7 @@ class Indexer:
                 vectors[position] = to_wire(row)
                 kinds[position] = kind_of(request.items[position].input, position)
                 refs[position] = encoded.model
-        first: tuple[str, int] | None = None  # in a new space, the vectors must agree with the first one
+        first: tuple[str, int] | None = None  # the vectors must agree with the first one
         for position, item in enumerate(request.items):
             if item.HasField("vector"):
                 field = f"items[{position}].vector"
@@ -132,9 +141,16 @@ class Indexer:
             idx.IndexItem(id=item.id, vector=vector, kind=kind, payload_json=item.payload_json, model=ref)
             for item, vector, kind, ref in zip(request.items, vectors, kinds, refs, strict=True)
         ]
-        await self._shards.upsert(
-            space, items, request.request_id, min(timeout, self._settings.shard_timeout_s)
-        )
+        if first is None:  # only inputs: the model's dimension
+            first = ("items[0]", items[0].vector.dim)
+        budget = min(timeout, self._settings.shard_timeout_s)
+
+        async def write() -> None:
+            claim = await self._spaces.claim(space, first[1], budget)
+            _check_dimension(first[1], claim.dimension, space, first[0])
+            await self._shards.upsert(space, items, request.request_id, budget, claim.epoch)
+
+        await self._spaces.retrying(space, write)
         return gw.UpsertResponse(upserted=len(items), request_id=request.request_id)
 
     def _resolve(self, request: gw.UpsertRequest) -> tuple[str, list[tuple[ModelCard, list[int]]]]:
@@ -160,13 +176,13 @@ class Indexer:
                     "the items' input kinds have no model in one shared space; set `space` or `model`, or "
                     "send each kind separately"
                 )
-        if not by_kind and space not in self._known_spaces():
-            self._check_new_space(space)
+        if not by_kind:
+            self._check_space_name(space)
         cards = [(self._models.default_card(kind, space), positions) for kind, positions in by_kind.items()]
         return space, cards
 
     @staticmethod
-    def _check_new_space(space: str) -> None:
+    def _check_space_name(space: str) -> None:
         if len(space) > 128 or not space.isprintable():
             raise InvalidArgument("space must be at most 128 printable characters")
 
@@ -176,7 +192,35 @@ class Indexer:
         check_batch_size(request.ids, self._settings.max_inputs_per_request, "ids")
         for position, item_id in enumerate(request.ids):
             self._items.check_id(item_id, f"ids[{position}]")
-        deleted, not_found = await self._shards.delete(
-            request.space, list(request.ids), min(timeout, self._settings.shard_timeout_s)
-        )
+        budget = min(timeout, self._settings.shard_timeout_s)
+
+        async def delete() -> tuple[int, int]:
+            claim = await self._spaces.lookup(request.space, budget)
+            if claim is None:  # nothing was ever stored in the space
+                return 0, len(set(request.ids))
+            return await self._shards.delete(request.space, list(request.ids), budget, claim.epoch)
+
+        deleted, not_found = await self._spaces.retrying(request.space, delete)
         return gw.DeleteResponse(deleted=deleted, not_found=not_found)
+
+    async def drop_space(self, request: gw.DropSpaceRequest, timeout: float) -> gw.DropSpaceResponse:
+        """The space and its items, gone from every shard that answers (its claim first: then it is gone for
+        every search and write, whatever the shards that did not answer still hold)."""
+        if not request.space:
+            raise InvalidArgument("space is empty; name the space to drop")
+        budget = min(timeout, self._settings.shard_timeout_s)
+        if await self._spaces.lookup(request.space, budget) is None:
+            raise NotFound(
+                f"space {request.space!r} holds nothing: no vector was ever stored in it, or it was dropped"
+            )
+        dropped, missing = await self._shards.drop_space(request.space, budget)
+        self._spaces.forget(request.space)
+        return gw.DropSpaceResponse(dropped=dropped, missing_shards=missing)
+
+
+def _check_dimension(dimension: int, held: int | None, space: str, field: str) -> None:
+    """Vectors of `dimension` fit a space holding `held`-dimensional ones (None: not known yet)."""
+    if held is not None and dimension != held:
+        raise InvalidArgument(
+            f"has {dimension} dimensions but space {space!r} holds {held}-dimensional vectors", field=field
+        )

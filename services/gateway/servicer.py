@@ -93,6 +93,11 @@ class GatewayService(gw_grpc.GatewayServicer):
     async def Delete(self, request: gw.DeleteRequest, context: grpc.aio.ServicerContext) -> gw.DeleteResponse:
         return await self._indexer.delete(request, self._timeout(context))
 
+    async def DropSpace(
+        self, request: gw.DropSpaceRequest, context: grpc.aio.ServicerContext
+    ) -> gw.DropSpaceResponse:
+        return await self._indexer.drop_space(request, self._timeout(context))
+
     async def Recommend(
         self, request: rec.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> rec.RecommendResponse:

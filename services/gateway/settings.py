@@ -105,6 +105,13 @@ class GatewaySettings(ServiceSettings):
         "that miss it as missing and returns the others' hits.",
     )
     max_k: int = Field(1000, description="Largest k of a Search.")
+    space_claim_ttl_s: float = Field(
+        1.0,
+        ge=0,
+        description="How long a space's claim (its dimension and generation, from its home shard) is remembered "
+        "for searches and deletes; writes always ask. After a DropSpace through another gateway, this one may "
+        "search the dropped generation (finding nothing) for this long.",
+    )
     max_calls_per_client: int = Field(
         200,
         description="Most calls one caller (a bearer token, else an IP address) has in flight at once; past it: "

@@ -32,8 +32,13 @@ log = logging.getLogger("sharding")
 
 T = TypeVar("T")
 
-# What a shard's failure means for the caller: their request was wrong (raise it), or the shard is gone.
-_CALLER_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# What a shard's failure means for the caller: their request was wrong, or the space's claim they wrote
+# under is stale (raise it), or the shard is gone.
+_CALLER_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
 # How long the channel of a shard whose address changed stays open for the calls already on it.
 _RETIRE_GRACE_S = 10.0
 
@@ -51,6 +56,12 @@ def jump_hash(key: int, buckets: int) -> int:
 def shard_of(item_id: str, shards: int) -> int:
     digest = hashlib.blake2b(item_id.encode(), digest_size=8).digest()
     return jump_hash(int.from_bytes(digest, "little"), shards)
+
+
+def home_of(space: str, shards: int) -> int:
+    """The shard that holds `space`'s claim (its dimension and generation): its name hashed as ids are,
+    behind a prefix no item id needs to share."""
+    return shard_of(f"\0space\0{space}", shards)
 
 
 @dataclass
@@ -85,7 +96,8 @@ class ShardSet:
             if discovery is None
             else [None] * discovery.count
         )
-        self.dimensions: dict[str, int] = {}
+        # What the shards' Stats said they hold of each space: (dimension, newest generation).
+        self.held: dict[str, tuple[int, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._retiring: set[asyncio.Task[None]] = set()
         self._dns_failing = False
@@ -196,6 +208,69 @@ class ShardSet:
         if not self.shards:
             raise Unavailable("this gateway has no index shards; set GATEWAY_INDEX_SHARDS")
 
+    def home(self, space: str) -> Shard:
+        """The shard holding `space`'s claim; UNAVAILABLE when it has no address yet."""
+        self._require()
+        number = home_of(space, len(self.shards))
+        shard = self.shards[number]
+        if shard is None:
+            raise Unavailable(
+                f"index {self._name(number, None)}, the home of space {space!r}, has no address yet"
+            )
+        return shard
+
+    async def claim(self, space: str, dimension: int, timeout: float) -> idx.SpaceClaim:
+        """The space's claim from its home shard, made with `dimension` by this first writer."""
+        shard = self.home(space)
+        try:
+            return await shard.index.ClaimSpace(
+                idx.ClaimSpaceRequest(space=space, dimension=dimension), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise self._shard_error(shard, "ClaimSpace", error) from None
+
+    async def lookup(self, space: str, timeout: float) -> idx.SpaceClaim | None:
+        """The space's claim from its home shard; None when it has none."""
+        shard = self.home(space)
+        try:
+            return await shard.index.LookupSpace(idx.LookupSpaceRequest(space=space), timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise self._shard_error(shard, "LookupSpace", error) from None
+
+    async def drop_space(self, space: str, timeout: float) -> tuple[int, list[str]]:
+        """Drop the space's claim on its home shard, then its items on every shard: (items dropped, shards
+        that did not answer). The claim goes first: once it is gone, no search or write sees the space."""
+        home = self.home(space)
+        try:
+            dropped = await home.index.DropSpace(
+                idx.IndexDropSpaceRequest(space=space, claim=True), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise self._shard_error(home, "DropSpace", error) from None
+        self.held.pop(space, None)
+        shards = [shard for shard in self.shards if shard is not home]
+
+        async def drop(shard: Shard | None) -> idx.IndexDropSpaceResponse | None:
+            if shard is None:
+                return None
+            try:
+                return await shard.index.DropSpace(
+                    idx.IndexDropSpaceRequest(space=space, epoch=dropped.epoch), timeout=timeout
+                )
+            except grpc.aio.AioRpcError as error:
+                shard.failed("DropSpace", error)
+                return None
+
+        answers = await asyncio.gather(*(drop(shard) for shard in shards))
+        missing = [
+            self._name(self.shards.index(shard), shard)
+            for shard, answer in zip(shards, answers, strict=True)
+            if answer is None
+        ]
+        return dropped.dropped + sum(answer.dropped for answer in answers if answer is not None), missing
+
     def owners(self, ids: Sequence[str]) -> dict[int, list[int]]:
         """For each shard number, the positions of the ids it owns."""
         owned: dict[int, list[int]] = {}
@@ -204,7 +279,8 @@ class ShardSet:
         return owned
 
     async def refresh(self, timeout: float = 2.0) -> None:
-        """Learn which spaces the shards hold, and their dimensions (to check vectors before fan-out)."""
+        """Learn which spaces the shards hold, in which dimension and generation (what searches fall back on
+        while a space's home shard is down, and how spaces held before claims existed are claimed)."""
 
         async def stats(shard: Shard) -> idx.IndexStatsResponse | None:
             try:
@@ -213,10 +289,13 @@ class ShardSet:
                 return None
 
         known = [shard for shard in self.shards if shard is not None]
+        held: dict[str, tuple[int, int]] = {}
         for response in await asyncio.gather(*(stats(shard) for shard in known)):
             if response is not None:
                 for space in response.spaces:
-                    self.dimensions[space.space] = space.dimension
+                    if space.space not in held or space.epoch > held[space.space][1]:
+                        held[space.space] = (space.dimension, space.epoch)
+        self.held.update(held)
 
     async def search(self, request: idx.IndexSearchRequest, timeout: float) -> Merged:
         """The top k over every shard that answered within `timeout`; the others are listed as missing."""
@@ -261,7 +340,7 @@ class ShardSet:
         return Merged(hits, missing)
 
     async def upsert(
-        self, space: str, items: Sequence[idx.IndexItem], request_id: str, timeout: float
+        self, space: str, items: Sequence[idx.IndexItem], request_id: str, timeout: float, epoch: int
     ) -> None:
         """Send each item to its shard, all shards in parallel; fails naming the shards that did not store."""
         self._require()
@@ -271,7 +350,7 @@ class ShardSet:
         async def send(number: int, positions: list[int]) -> None:
             shard = shards[number]
             request = idx.IndexUpsertRequest(
-                space=space, items=[items[p] for p in positions], request_id=request_id
+                space=space, items=[items[p] for p in positions], request_id=request_id, space_epoch=epoch
             )
             try:
                 await shard.index.Upsert(request, timeout=timeout)
@@ -280,9 +359,9 @@ class ShardSet:
 
         await _all(send(number, positions) for number, positions in owned.items())
         if items:
-            self.dimensions.setdefault(space, items[0].vector.dim)
+            self.held.setdefault(space, (items[0].vector.dim, epoch))
 
-    async def delete(self, space: str, ids: Sequence[str], timeout: float) -> tuple[int, int]:
+    async def delete(self, space: str, ids: Sequence[str], timeout: float, epoch: int) -> tuple[int, int]:
         """(deleted, not found) over the shards owning `ids`."""
         self._require()
         owned = self.owners(ids)
@@ -292,7 +371,8 @@ class ShardSet:
             shard = shards[number]
             try:
                 return await shard.index.Delete(
-                    idx.IndexDeleteRequest(space=space, ids=[ids[p] for p in positions]), timeout=timeout
+                    idx.IndexDeleteRequest(space=space, ids=[ids[p] for p in positions], space_epoch=epoch),
+                    timeout=timeout,
                 )
             except grpc.aio.AioRpcError as error:
                 raise self._shard_error(shard, "Delete", error).moved("ids", positions, "ids") from None

@@ -25,6 +25,7 @@ from services.gateway.servicer import GatewayService
 from services.gateway.settings import GatewaySettings, addresses
 from services.gateway.sharding import ShardSet
 from services.gateway.similarity import Similarities
+from services.gateway.spaces import SpaceClaims
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,14 @@ class Gateway:
             self.router,
             Encoding(models, encoder, settings.max_inputs_per_request),
             Similarities(models, encoder, settings.max_inputs_per_request),
-            Indexer(self.router, models, encoder, self.shards, settings),
+            Indexer(
+                self.router,
+                models,
+                encoder,
+                self.shards,
+                SpaceClaims(self.shards, settings.space_claim_ttl_s),
+                settings,
+            ),
             self.recommendations,
             settings,
         )

@@ -1,7 +1,7 @@
 """What the append-only log holds, and how one segment's bytes are read back.
 
 A segment starts with `MAGIC`, then holds frames `<u32 length><u32 crc32(body)><u32 crc32(first 8 bytes)>
-<body>`, one per upserted or deleted item; a segment that is complete (the writer moved on to the next)
+<body>`, one per upserted or deleted item or new generation of a space; a segment that is complete (the writer moved on to the next)
 ends with a seal frame. The header checks itself, so a flipped bit in a length is damage, not a frame
 that seems to run past the end of the file.
 
@@ -25,7 +25,7 @@ import numpy as np
 MAGIC = b"\x89IXLOG2\n"  # as a format-1 length (LE u32) it would be 1.3 GB: no format-1 segment starts so
 _HEAD = struct.Struct("<III")  # length, crc32(body), crc32(length and crc32(body))
 _V1_HEAD = struct.Struct("<II")
-_UPSERT, _DELETE, _SEAL = 1, 2, 3
+_UPSERT, _DELETE, _SEAL, _GENERATION = 1, 2, 3, 4
 # No record is this large (one item of a gRPC message of at most 64 MiB); a format-1 length past it is damage
 # rather than a record that the end of the file cut off. Any one flipped bit of MAGIC's first four bytes
 # leaves them above it, so a format-2 segment whose header was hit reads as damage, never as a torn tail.
@@ -45,13 +45,24 @@ class Item:
     model_version: str = ""
 
 
+@dataclass(frozen=True)
+class Generation:
+    """`space` now holds generation `epoch` of its items, `dimension`-d: what the shard held of it is gone
+    (dimension 0: the space is dropped here)."""
+
+    epoch: int
+    dimension: int
+
+
 @dataclass
 class Op:
-    """Upsert `item` into `space`, or (item None) delete `item_id` from it."""
+    """Upsert `item` into `space`, or (item None) delete `item_id` from it; or (`generation` set) start a
+    new generation of the space."""
 
     space: str
-    item_id: str
+    item_id: str = ""
     item: Item | None = field(default=None)
+    generation: Generation | None = None
 
 
 def _text(value: str) -> bytes:
@@ -61,6 +72,12 @@ def _text(value: str) -> bytes:
 
 def body(op: Op) -> bytes:
     """The body of one op's record (the same in both formats)."""
+    if op.generation is not None:
+        return (
+            bytes([_GENERATION])
+            + _text(op.space)
+            + struct.pack("<QI", op.generation.epoch, op.generation.dimension)
+        )
     if op.item is None:
         return bytes([_DELETE]) + _text(op.space) + _text(op.item_id)
     item = op.item
@@ -128,6 +145,10 @@ def decode(record: bytes) -> Op | None:
         reader.done()
         return None
     space = reader.text()
+    if kind == _GENERATION:
+        epoch, dimension = struct.unpack("<QI", reader.take(12))
+        reader.done()
+        return Op(space, generation=Generation(epoch, dimension))
     if kind == _DELETE:
         op = Op(space, reader.text())
         reader.done()
@@ -272,7 +293,7 @@ def next_intact(data: bytes, start: int, version: int) -> int | None:
             | raw[offsets + 3].astype(np.int64) << 24
         )
         fits = (lengths >= 1) & (lengths <= len(data) - offsets - head)
-        typed = np.isin(raw[offsets + head], (_UPSERT, _DELETE, _SEAL))
+        typed = np.isin(raw[offsets + head], (_UPSERT, _DELETE, _SEAL, _GENERATION))
         for offset in offsets[fits & typed].tolist():
             found = read_frame(data, offset, version)
             if not (found.incomplete or found.damage):

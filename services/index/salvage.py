@@ -10,6 +10,9 @@ record, and report exactly what could not be kept.
   newest damaged snapshot become a new snapshot in its place (or, failing that, an empty one at the first
   segment): what only the damaged files held is reported lost.
 - `log/COMMITTED` is rewritten to the log as it now is.
+- A damaged `CLAIMS` (the claims of the spaces whose home this shard is) is set aside: each of those spaces
+  is claimed again by its next writer, in the dimension and generation that writer brings; the report
+  lists them as lost claims.
 
 Every loss is reported with its file and byte range and how many records it held (exact where the
 frame headers show it, else "at least").
@@ -21,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from services.common.durable import fsync_dir, write_synced
-from services.index import committed, snapshot, wal
+from services.index import claims, committed, snapshot, wal
+from services.index.claims import Claims
+from services.index.damage import Damaged
 from services.index.records import MAGIC, SEAL, frame, frame_v1, next_intact, read_frame, version_of
 
 
@@ -148,6 +153,7 @@ def salvage(data_dir: Path) -> Salvaged:
         base = _rebuild_snapshot(snapshots, log_dir, damaged, numbers, result)
     _fill_gaps(log_dir, base, result)
     _rewrite_marker(log_dir, result)
+    _salvage_claims(data_dir, result)
     for loss in result.losses:
         if intact and loss.path.parent == log_dir and int(loss.path.name.split(".")[0]) < base:
             loss.covered_by = base
@@ -265,6 +271,23 @@ def _fill_gaps(log_dir: Path, base: int, result: Salvaged) -> None:
         result.losses.append(Loss(path, None, None, 0, False, "missing"))
         result.actions.append(f"wrote an empty placeholder for the missing {path}")
     fsync_dir(log_dir)
+
+
+def _salvage_claims(data_dir: Path, result: Salvaged) -> None:
+    try:
+        Claims(data_dir).load()
+    except Damaged as damaged:
+        path = data_dir / claims.FILE
+        aside = path.with_name(f"{claims.FILE}.damaged")
+        os.replace(path, aside)
+        fsync_dir(data_dir)
+        what = "; ".join(problem.what for problem in damaged.problems)
+        result.losses.append(
+            Loss(path, None, None, 0, False, f"{what}: the claims of this shard's spaces are lost")
+        )
+        result.actions.append(
+            f"set aside {path} as {aside.name}: each space it claimed is claimed again by its next writer"
+        )
 
 
 def _rewrite_marker(log_dir: Path, result: Salvaged) -> None:

@@ -29,7 +29,7 @@ from services.index.damage import Problem
 DATA, MANIFEST = "data", "MANIFEST"
 _FORMAT = 2
 _ARRAYS = ("vectors", "kinds", "alive", "models")
-_META = ("ids", "payloads", "model_refs")
+_META = ("ids", "payloads", "model_refs", "epoch")  # epoch: absent before generations existed (0)
 _CHUNK = 1 << 23
 # Arrays a snapshot may hold (and their dtypes): nothing else is ever built from a manifest.
 _DTYPES = {
@@ -75,7 +75,7 @@ def complete(directory: Path) -> list[int]:
 
 
 def _regions(state: dict[str, Any]) -> dict[str, np.ndarray]:
-    meta = {key: state[key] for key in _META}
+    meta = {key: state[key] for key in _META if key in state}
     regions = {key: np.ascontiguousarray(state[key], dtype=_DTYPES[key]) for key in _ARRAYS}
     if state["engine_state"] is not None:
         regions["engine_state"] = np.ascontiguousarray(state["engine_state"], dtype=np.uint8)

@@ -40,10 +40,11 @@ def payload_terms(payload_json: str) -> list[tuple[str, str]]:
 
 
 class Space:
-    def __init__(self, name: str, dimension: int, config: EngineConfig) -> None:
+    def __init__(self, name: str, dimension: int, config: EngineConfig, epoch: int = 0) -> None:
         self.name = name
         self.dimension = dimension
         self.config = config
+        self.epoch = epoch  # the generation of the space these rows belong to (claims.py)
         self.lock = threading.Lock()
         self.count = 0
         self._vectors = np.zeros((16, dimension), dtype=np.float32)
@@ -85,6 +86,7 @@ class Space:
                 "model_refs": list(self.model_refs),
                 "engine": self.engine.name,
                 "engine_state": None,
+                "epoch": self.epoch,
             },
             self.config,
         )
@@ -217,6 +219,7 @@ class Space:
                 "model_refs": list(self.model_refs),
                 "engine": self.engine.name,
                 "engine_state": self.engine.serialize(),
+                "epoch": self.epoch,
             }
 
     @classmethod
@@ -230,7 +233,7 @@ class Space:
         ids: list[str] = state["ids"]  # type: ignore[assignment]
         payloads: list[str] = state["payloads"]  # type: ignore[assignment]
         model_refs: list[tuple[str, str]] = [tuple(ref) for ref in state["model_refs"]]  # type: ignore[attr-defined,misc]
-        space = cls(name, vectors.shape[1], config)
+        space = cls(name, vectors.shape[1], config, int(state.get("epoch", 0)))  # type: ignore[call-overload]
         if alive.all() and state.get("engine_state") is not None and state["engine"] == config.ann_engine:
             space._load_rows(vectors, kinds, models, ids, payloads, model_refs)
             space.engine = config.restore(str(state["engine"]), state["engine_state"])  # type: ignore[arg-type]

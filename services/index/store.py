@@ -7,6 +7,10 @@ Snapshots are taken by the same writer between two batches, so each is one consi
 also compacts a space whose retired rows dominate. A snapshot is read back before the older ones are
 deleted: the newest two are kept, with the log from the older one's segment on, so that a damaged
 snapshot found on start can be replaced by the one before it and the log.
+
+Each space held here is of one generation (claims.py): a write or search naming a newer one first drops
+what is held (a logged generation change, so a restart does the same), one naming an older one is refused
+as stale. The claims of the spaces whose home this shard is are kept apart, in `CLAIMS`.
 """
 
 import asyncio
@@ -19,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common.errors import InvalidArgument, Unavailable
+from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.index import snapshot
-from services.index.records import Op, encode
+from services.index.claims import Claims
+from services.index.records import Generation, Op, encode
 from services.index.recovery import recover
 from services.index.settings import IndexSettings
 from services.index.space import Found, Space
@@ -48,6 +53,7 @@ class IndexStore:
         self._snapshots = root / "snapshots"
         self.spaces: dict[str, Space] = {}
         self._dimensions: dict[str, int] = {}
+        self.claims = Claims(root)
         # None: stop. _SNAPSHOT: the snapshot timer's turn, taken between two write batches.
         self._queue: asyncio.Queue[_Write | str | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -79,6 +85,7 @@ class IndexStore:
 
     def _load(self) -> int:
         """Load a snapshot and the log after it (or refuse: `Damaged`); returns the ops replayed."""
+        self.claims.load()
         recovered = recover(Path(self._settings.data_dir), self._log)
         for name, state in recovered.states.items():
             self.spaces[name] = Space.from_state(name, state, self._config)
@@ -118,14 +125,39 @@ class IndexStore:
     def dimension(self, space: str) -> int | None:
         return self._dimensions.get(space)
 
+    def generation(self, space: str, epoch: int, dimension: int = 0) -> list[Op]:
+        """What a write of generation `epoch` of `space` must be preceded by: nothing when that is the one
+        held here (or none is held and it is the first, 0); a generation change (dropping what is held) when
+        it is newer; FAILED_PRECONDITION when it is older (the caller's claim is stale)."""
+        held = self.held_epoch(space)
+        if held == epoch or (held is None and epoch == 0):
+            return []
+        if held is not None and held > epoch:
+            raise self.stale(space, epoch)
+        return [Op(space, generation=Generation(epoch, dimension))]
+
+    def stale(self, space: str, epoch: int) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"space {space!r} was dropped and made again (generation {self.held_epoch(space)} here, {epoch} "
+            "asked): the caller's claim of it is stale; look the space up again and retry"
+        )
+
+    def held_epoch(self, space: str) -> int | None:
+        """The generation of `space` held here; None when none is."""
+        held = self.spaces.get(space)
+        return None if held is None else held.epoch
+
     def held(self, space: str = "") -> list[Space]:
         """One space (if this shard holds it) or all, by name."""
         if space:
             return [self.spaces[space]] if space in self.spaces else []
         return [self.spaces[name] for name in sorted(self.spaces)]
 
-    def claim_dimension(self, space: str, dimension: int, field: str) -> None:
-        """Refuse vectors of another dimension than the space's; the first write to a space sets it."""
+    def claim_dimension(self, space: str, dimension: int, field: str, new_generation: bool = False) -> None:
+        """Refuse vectors of another dimension than the space's; the first write to a space (or to its new
+        generation) sets it."""
+        if new_generation:
+            self._dimensions[space] = dimension
         known = self._dimensions.setdefault(space, dimension)
         if known != dimension:
             raise InvalidArgument(
@@ -219,17 +251,53 @@ class IndexStore:
         for op in ops:
             by_space[op.space].append(op)
         for name, space_ops in by_space.items():
-            space = self.spaces.get(name)
-            if space is None:
-                first = next((op.item for op in space_ops if op.item is not None), None)
-                if first is None:
+            run: list[Op] = []
+            for op in space_ops:  # item ops between generation changes, in order
+                if op.generation is None:
+                    run.append(op)
                     continue
-                space = self.spaces[name] = Space(name, first.vector.shape[0], self._config)
-                self._dimensions.setdefault(name, space.dimension)
-            for start in range(0, len(space_ops), _APPLY_CHUNK):
-                space.apply(space_ops[start : start + _APPLY_CHUNK])
-                if space.wants_compaction(self._settings.compact_min_retired):
-                    space.compact()
+                self._apply_items(name, run)
+                run = []
+                self._start_generation(name, op.generation)
+            self._apply_items(name, run)
+
+    def _start_generation(self, name: str, generation: Generation) -> None:
+        """Drop what is held of the space if it is older than `generation`, and hold the new generation (none,
+        for a drop). A change to the generation already held changes nothing: concurrent writes of a new
+        generation each log one, and the second must not drop what the first wrote."""
+        held = self.spaces.get(name)
+        if held is not None and (
+            held.epoch > generation.epoch or (held.epoch == generation.epoch and generation.dimension)
+        ):
+            return
+        if held is not None:
+            del self.spaces[name]
+            log.info(
+                "space %s: generation %d (%d items) dropped for generation %d",
+                name,
+                held.epoch,
+                held.live,
+                generation.epoch,
+            )
+        self._dimensions.pop(name, None)
+        if generation.dimension:
+            self.spaces[name] = Space(name, generation.dimension, self._config, generation.epoch)
+            self._dimensions[name] = generation.dimension
+
+    def _apply_items(self, name: str, space_ops: list[Op]) -> None:
+        if not space_ops:
+            return
+        space = self.spaces.get(name)
+        if space is None:
+            first = next((op.item for op in space_ops if op.item is not None), None)
+            if first is None:
+                return
+            space = self.spaces[name] = Space(name, first.vector.shape[0], self._config)
+            self._dimensions.setdefault(name, space.dimension)
+        for start in range(0, len(space_ops), _APPLY_CHUNK):
+            space.apply(space_ops[start : start + _APPLY_CHUNK])
+            if space.wants_compaction(self._settings.compact_min_retired):
+                space.compact()
 
     async def _sync_periodically(self) -> None:
         while True:

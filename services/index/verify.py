@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.index import committed, snapshot, wal
-from services.index.damage import Problem, recovery_hint
+from services.index.claims import Claims
+from services.index.damage import Damaged, Problem, recovery_hint
 
 
 @dataclass
@@ -28,6 +29,7 @@ def verify(data_dir: Path) -> Verdict:
     if not data_dir.is_dir():
         verdict.problems.append(Problem(data_dir, None, "no such directory"))
         return verdict
+    verdict.problems += _claims_problems(data_dir)
     for segment in snapshot.complete(snapshots):
         found = snapshot.check(snapshot.folder_of(snapshots, segment))
         verdict.problems += found
@@ -49,7 +51,7 @@ def verify(data_dir: Path) -> Verdict:
     base = verdict.intact_snapshots[-1] if verdict.intact_snapshots else 0
     needed = wal.inspect(log_dir, base)
     verdict.problems += [problem for problem in needed.problems if problem not in verdict.problems]
-    verdict.starts_from = None if needed.problems else base
+    verdict.starts_from = None if needed.problems or _claims_problems(data_dir) else base
     for path in sorted(snapshots.glob("*.damaged*")) + sorted(log_dir.glob("*.damaged*")):
         verdict.notes.append(f"{path} was set aside as damaged earlier (not read)")
     return verdict
@@ -84,3 +86,12 @@ def report(data_dir: Path, verdict: Verdict) -> list[str]:
 
 def _base(segment: int | None) -> str:
     return f"snapshot {segment:012d}" if segment else "no snapshot (the log from segment 0)"
+
+
+def _claims_problems(data_dir: Path) -> list[Problem]:
+    """The claims file's damage (the shard refuses to start with it)."""
+    try:
+        Claims(data_dir).load()
+    except Damaged as damaged:
+        return damaged.problems
+    return []

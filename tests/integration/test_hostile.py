@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -39,6 +40,7 @@ from harness.processes import (
 )
 from services.common.vectors import to_wire
 from services.gateway.cache import cache_key
+from services.gateway.sharding import home_of, shard_of
 from tests import image_files, system
 from tests.helpers import images, metric, texts, vectors
 
@@ -464,3 +466,145 @@ def test_sigterm_during_heavy_decoding_stops_within_the_grace(log_dir: Path) -> 
                 codes.append(error.code())
     assert stopped_s < 1 + 10, f"stopped {stopped_s:.1f} s after SIGTERM with a 1 s grace"
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED}, codes
+
+
+# --- A: a space has one dimension everywhere; a space can be dropped ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_fronts(
+    tmp_path_factory: pytest.TempPathFactory, log_dir: Path, redis_server: RedisServer
+) -> Iterator[dict]:
+    """Two index shards, and two gateways in front of both (no workers: vector-only spaces)."""
+    data = tmp_path_factory.mktemp("spaces")
+    shards = [
+        index_shard(data / f"shard-{n}", system.SHARD_ENV, log_dir, name=f"space-shard-{n}") for n in range(2)
+    ]
+    for shard in shards:
+        shard.start()
+    for shard in shards:
+        shard.wait_serving()
+    addresses = [shard.address for shard in shards]
+    fronts = [gateway([], "", system.GATEWAY_ENV, log_dir, shards=addresses) for _ in range(2)]
+    try:
+        for number, front in enumerate(fronts):
+            front.name = f"space-gateway-{number}"
+            front.start()
+        for front in fronts:
+            front.wait_serving()
+        yield {"shards": shards, "fronts": fronts}
+    finally:
+        for process in [*fronts, *shards]:
+            process.stop()
+
+
+def retry_unavailable(call: Any, within_s: float = 60.0) -> Any:
+    """`call()` until the gateway reaches the restarted shard (UNAVAILABLE is safe to retry as it is)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def held(shard: Service, space: str) -> tuple[int, int, int] | None:
+    """(dimension, items, generation) of `space` on `shard`, from its own Stats; None: not held."""
+    with grpc.insecure_channel(shard.address) as channel:
+        stats = index_pb2_grpc.IndexStub(channel).Stats(idx.IndexStatsRequest(space=space), timeout=10)
+    entries = [(entry.dimension, int(entry.count), int(entry.epoch)) for entry in stats.spaces]
+    return entries[0] if entries else None
+
+
+async def test_two_gateways_racing_to_create_a_space_agree_on_one_dimension(two_fronts: dict) -> None:
+    channels = [grpc.aio.insecure_channel(front.address) for front in two_fronts["fronts"]]
+    try:
+        stubs = [gateway_pb2_grpc.GatewayStub(channel) for channel in channels]
+
+        async def write(space: str, n: int) -> tuple[int, grpc.StatusCode, str]:
+            dimension = 8 if n % 2 else 16
+            items = [
+                gw.UpsertItem(id=f"{space}-{n}-{i}", vector=to_wire(unit(dimension, 100 * n + i)))
+                for i in range(6)
+            ]
+            try:
+                await stubs[n % 2].Upsert(gw.UpsertRequest(space=space, items=items), timeout=30)
+            except grpc.aio.AioRpcError as error:
+                return dimension, error.code(), error.details() or ""
+            return dimension, grpc.StatusCode.OK, ""
+
+        for space in (f"race-{n}" for n in range(4)):
+            results = await asyncio.gather(*(write(space, n) for n in range(12)))
+            winners = {dimension for dimension, code, _ in results if code == grpc.StatusCode.OK}
+            assert len(winners) == 1, results
+            (won,) = winners
+            for dimension, code, details in results:
+                if dimension != won:
+                    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+                    assert f"holds {won}-dimensional vectors" in details
+            holders = [held(shard, space) for shard in two_fronts["shards"]]
+            assert {entry[0] for entry in holders if entry is not None} == {won}, holders
+            assert (
+                sum(entry[1] for entry in holders if entry is not None) == 6 * 6
+            )  # every winning write, whole
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def test_a_dropped_space_is_gone_everywhere_and_can_come_back_with_another_dimension(
+    two_fronts: dict,
+) -> None:
+    first, second = two_fronts["fronts"]
+    with grpc.insecure_channel(first.address) as a, grpc.insecure_channel(second.address) as b:
+        one, other = gateway_pb2_grpc.GatewayStub(a), gateway_pb2_grpc.GatewayStub(b)
+        old = [gw.UpsertItem(id=f"old-{i}", vector=to_wire(unit(8, i))) for i in range(10)]
+        one.Upsert(gw.UpsertRequest(space="cycle", items=old), timeout=10)
+        assert (
+            other.Search(gw.SearchRequest(vector=to_wire(unit(8, 3)), space="cycle", k=1), timeout=10)
+            .hits[0]
+            .id
+            == "old-3"
+        )
+        dropped = one.DropSpace(gw.DropSpaceRequest(space="cycle"), timeout=10)
+        assert (dropped.dropped, list(dropped.missing_shards)) == (10, [])
+        assert all(held(shard, "cycle") is None for shard in two_fronts["shards"])
+        # the other gateway still remembers the old claim: its write claims afresh, its search is refused as
+        # stale by the shards and looks the space up again
+        new = [gw.UpsertItem(id=f"new-{i}", vector=to_wire(unit(16, i))) for i in range(10)]
+        other.Upsert(gw.UpsertRequest(space="cycle", items=new), timeout=10)
+        found = other.Search(gw.SearchRequest(vector=to_wire(unit(16, 4)), space="cycle", k=20), timeout=10)
+        assert sorted(hit.id for hit in found.hits) == sorted(item.id for item in new)
+        assert {held(shard, "cycle")[0] for shard in two_fronts["shards"] if held(shard, "cycle")} == {16}
+        with pytest.raises(grpc.RpcError) as caught:
+            one.DropSpace(gw.DropSpaceRequest(space="never-made"), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_shard_down_during_a_drop_never_shows_the_dropped_items(two_fronts: dict) -> None:
+    front = two_fronts["fronts"][0]
+    away = two_fronts["shards"][1]
+    space = next(f"outage-{n}" for n in range(100) if home_of(f"outage-{n}", 2) == 0)  # its home stays up
+    items = [gw.UpsertItem(id=f"kept-{i}", vector=to_wire(unit(8, 50 + i))) for i in range(12)]
+    with grpc.insecure_channel(front.address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        stub.Upsert(gw.UpsertRequest(space=space, items=items), timeout=10)
+        on_home = sum(1 for item in items if shard_of(item.id, 2) == 0)
+        assert 0 < on_home < len(items), "the items should be on both shards"
+        away.stop()
+        dropped = stub.DropSpace(gw.DropSpaceRequest(space=space), timeout=10)
+        assert list(dropped.missing_shards) == [away.address] and dropped.dropped == on_home
+        away.start()
+        away.wait_serving()
+        assert held(away, space) is not None  # its copy is still on its disk...
+        with pytest.raises(grpc.RpcError) as caught:  # ...but the space is gone for searches
+            stub.Search(gw.SearchRequest(vector=to_wire(unit(8, 50)), space=space, k=3), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown" in caught.value.details()
+        again = [gw.UpsertItem(id=f"again-{i}", vector=to_wire(unit(4, i))) for i in range(12)]
+        retry_unavailable(lambda: stub.Upsert(gw.UpsertRequest(space=space, items=again), timeout=10))
+        found = stub.Search(gw.SearchRequest(vector=to_wire(unit(4, 2)), space=space, k=50), timeout=10)
+        assert sorted(hit.id for hit in found.hits) == sorted(item.id for item in again)
+        entry = held(away, space)
+        assert entry is not None and entry[0] == 4 and entry[2] == 1  # the old copy went with its next write

@@ -255,11 +255,11 @@ async def test_undiscovered_shards_are_missing_by_name_until_dns_lists_them(dns:
             with pytest.raises(Unavailable, match="no index shard is discovered yet: shard 0"):
                 await shards.search(QUERY, timeout=2)
             with pytest.raises(Unavailable, match=r"index shard \d \(not discovered yet"):
-                await shards.upsert(SPACE, items(["a"]), "r1", timeout=2)
+                await shards.upsert(SPACE, items(["a"]), "r1", timeout=2, epoch=0)
 
             dns.set(SRV, [on_localhost(0, zero)])
             await shards.discover()
-            assert shards.dimensions == {SPACE: 4}, "a newly discovered shard's spaces are learned at once"
+            assert shards.held == {SPACE: (4, 0)}, "a newly discovered shard's spaces are learned at once"
             merged = await shards.search(QUERY, timeout=2)
             assert merged.missing == [f"shard 1 (not discovered yet: index-1 is not in {SRV_SHOWN})"]
 
@@ -267,21 +267,21 @@ async def test_undiscovered_shards_are_missing_by_name_until_dns_lists_them(dns:
             mine, theirs = ids_owned_by(0, 2, 3), ids_owned_by(1, 2, 1)
             before = zero.calls
             with pytest.raises(Unavailable) as refused:
-                await shards.upsert(SPACE, items(mine + theirs), "r2", timeout=2)
+                await shards.upsert(SPACE, items(mine + theirs), "r2", timeout=2, epoch=0)
             assert refused.value.message == (
                 f"index shard 1 (not discovered yet: index-1 is not in {SRV_SHOWN}) did not complete Upsert: "
                 "it owns items of this request and has no address yet; nothing was applied; the request is "
                 "safe to retry as it is"
             )
             with pytest.raises(Unavailable, match="did not complete Delete"):
-                await shards.delete(SPACE, theirs, timeout=2)
+                await shards.delete(SPACE, theirs, timeout=2, epoch=0)
             assert zero.calls == before and zero.ids == set()
-            await shards.upsert(SPACE, items(mine), "r3", timeout=2)  # all on shard 0: fine
+            await shards.upsert(SPACE, items(mine), "r3", timeout=2, epoch=0)  # all on shard 0: fine
             assert zero.ids == set(mine)
 
             dns.set(SRV, [on_localhost(1, one), on_localhost(0, zero)])
             await shards.discover()
-            await shards.upsert(SPACE, items(mine + theirs), "r4", timeout=2)
+            await shards.upsert(SPACE, items(mine + theirs), "r4", timeout=2, epoch=0)
             assert (zero.ids, one.ids) == (set(mine), set(theirs))
             merged = await shards.search(QUERY, timeout=2)
             assert merged.missing == []
@@ -289,7 +289,7 @@ async def test_undiscovered_shards_are_missing_by_name_until_dns_lists_them(dns:
                 **{i: reached(0, zero) for i in mine},
                 **{i: reached(1, one) for i in theirs},
             }
-            assert await shards.delete(SPACE, [*theirs, "nope"], timeout=2) == (1, 1)
+            assert await shards.delete(SPACE, [*theirs, "nope"], timeout=2, epoch=0) == (1, 1)
         finally:
             await shards.close()
 
@@ -312,7 +312,7 @@ async def test_rediscovery_follows_a_moved_shard_and_keeps_addresses_through_dns
             current = shards.shards[1]
             assert current is not None and current.address == reached(1, moved)
             theirs = ids_owned_by(1, 2, 2)
-            await shards.upsert(SPACE, items(theirs), "r", timeout=2)
+            await shards.upsert(SPACE, items(theirs), "r", timeout=2, epoch=0)
             assert (one.ids, moved.ids) == (set(), set(theirs))
             await eventually(
                 lambda: old.channel.get_state() == grpc.ChannelConnectivity.SHUTDOWN
@@ -369,6 +369,6 @@ async def test_static_shards_are_named_by_address_as_before() -> None:
             assert merged.missing == [down]
             owned_by_down = ids_owned_by(1, 2, 1)
             with pytest.raises(Unavailable, match=f"index shard {down} did not complete Upsert"):
-                await shards.upsert(SPACE, items(owned_by_down), "r", timeout=1)
+                await shards.upsert(SPACE, items(owned_by_down), "r", timeout=1, epoch=0)
         finally:
             await shards.close()
