@@ -98,3 +98,45 @@ def test_a_bad_image_gets_invalid_argument_with_the_callers_index(gateway_stub, 
         gateway_stub.Encode(enc.EncodeRequest(inputs=[photo_inputs[0], *images(b"not an image")]))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "inputs[1].image" in caught.value.details()
+
+
+def _encoded(gateway_stub, model: str, inputs: list[pb.Input]) -> np.ndarray:  # type: ignore[no-untyped-def]
+    response = gateway_stub.Encode(
+        enc.EncodeRequest(model=model, inputs=inputs, options=pb.EncodeOptions(normalize=False)), timeout=60
+    )
+    return np.stack([np.frombuffer(e.vector.data, dtype="<f4") for e in response.embeddings])
+
+
+def _cosines(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    left = left / np.linalg.norm(left, axis=1, keepdims=True)
+    right = right / np.linalg.norm(right, axis=1, keepdims=True)
+    return left @ right.T
+
+
+def test_similarity_scores_are_the_cosines_of_the_vectors_encode_returns(gateway_stub, photo_inputs) -> None:
+    """Every score, not only the best, equals the cosine of the two vectors Encode gives for the same inputs:
+    texts against texts, texts against photos in the label space, and pairwise."""
+    queries = texts("a photo of a cat", "a steaming cup of coffee", "the launch of a rocket")
+    captions = texts("a cat lying on a sofa", "coffee in a white mug", "a spacecraft taking off", "a horse")
+    text_vectors = _encoded(gateway_stub, "all-MiniLM-L6-v2", queries)
+    caption_vectors = _encoded(gateway_stub, "all-MiniLM-L6-v2", captions)
+    photo_vectors = _encoded(gateway_stub, "imagenet-label-space", photo_inputs)
+
+    text_to_text = gateway_stub.Similarity(
+        gw.SimilarityRequest(queries=queries, candidates=captions), timeout=60
+    )
+    np.testing.assert_allclose(scores(text_to_text), _cosines(text_vectors, caption_vectors), atol=1e-5)
+
+    text_to_photos = gateway_stub.Similarity(
+        gw.SimilarityRequest(queries=queries, candidates=photo_inputs), timeout=60
+    )
+    assert (text_to_photos.space, text_to_photos.candidate_model.id) == ("minilm", "imagenet-label-space")
+    np.testing.assert_allclose(scores(text_to_photos), _cosines(text_vectors, photo_vectors), atol=1e-5)
+
+    pairwise = gateway_stub.Similarity(
+        gw.SimilarityRequest(queries=queries, candidates=captions[:3], mode=gw.SIMILARITY_MODE_PAIRWISE),
+        timeout=60,
+    )
+    np.testing.assert_allclose(
+        pairwise.scores, np.diag(_cosines(text_vectors, caption_vectors[:3])), atol=1e-5
+    )
