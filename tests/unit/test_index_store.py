@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -382,3 +383,30 @@ async def test_engine_switches_at_the_threshold_and_survives_restarts(
     shrunk = await open_store(second)
     assert shrunk.held("s")[0].live == 190
     assert shrunk.held("s")[0].engine.name == "exact"
+
+
+async def test_with_fsync_interval_writes_are_acknowledged_unsynced_then_synced_on_the_period(
+    tmp_path: Path, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INDEX_FSYNC=interval: a write is acknowledged once written (no fsync on its path); the periodic
+    fsync then makes it durable and moves the COMMITTED marker; a killed process loses nothing."""
+    from services.index import committed, wal
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(wal.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    settings = store_settings(tmp_path, fsync="interval", fsync_interval_ms=50)
+    store = await open_store(settings)
+    rows = unit_rows(30, 8, seed=9)
+    marker = Path(settings.data_dir) / "log" / committed.NAME
+    before_writes, acknowledged_at = len(synced), committed.read(marker)[0]
+    await asyncio.gather(*(store.write([upsert("s", f"i{n}", rows[n])]) for n in range(30)))
+    assert len(synced) == before_writes, "a write with INDEX_FSYNC=interval waited for an fsync"
+    deadline = asyncio.get_running_loop().time() + 30
+    while committed.read(marker)[0] == acknowledged_at:  # the periodic fsync moves it
+        assert asyncio.get_running_loop().time() < deadline, "the periodic fsync never ran"
+        await asyncio.sleep(0.02)
+    assert len(synced) > before_writes
+    await kill(store)
+    reopened = await open_store(settings)
+    assert sorted(reopened.spaces["s"].row_of) == sorted(f"i{n}" for n in range(30))
