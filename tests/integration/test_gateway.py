@@ -64,7 +64,7 @@ def test_hits_and_misses_come_back_in_request_order(gateway_stub) -> None:
     assert np.allclose(vectors(mixed), one_by_one, atol=1e-6)
 
 
-def test_encode_stream_answers_in_order_through_the_cache(gateway_stub) -> None:
+def test_encode_stream_answers_in_order_through_the_cache(gateway_stub, minilm) -> None:
     repeated = unique("streamed twice")
     requests = [
         enc.EncodeRequest(request_id=f"r{i}", inputs=texts(repeated, unique(f"s{i}"))) for i in range(10)
@@ -72,6 +72,9 @@ def test_encode_stream_answers_in_order_through_the_cache(gateway_stub) -> None:
     responses = list(gateway_stub.EncodeStream(iter(requests)))
     assert [r.request_id for r in responses] == [f"r{i}" for i in range(10)]
     assert all(r.model.id == "all-MiniLM-L6-v2" and len(r.embeddings) == 2 for r in responses)
+    for request, response in zip(requests, responses, strict=True):  # each answer holds its own vectors
+        reference = minilm.encode([item.text for item in request.inputs], convert_to_numpy=True)
+        assert np.all(cosine(vectors(response), reference) >= 0.9999), request.request_id
     assert sum(r.embeddings[0].cached for r in responses) >= 1  # later requests find the repeated sentence
     assert not any(r.embeddings[1].cached for r in responses)
 

@@ -77,14 +77,19 @@ def test_options_shape_the_vectors(worker_stub) -> None:
     assert len(binary.embeddings[0].vector.data) == 384 // 8
 
 
-def test_encode_stream_answers_in_order(worker_stub) -> None:
-    requests = [enc.EncodeRequest(request_id=f"r{i}", inputs=texts(f"sentence {i}")) for i in range(12)]
+def test_encode_stream_answers_in_order(worker_stub, minilm) -> None:
+    sentences = [
+        f"sentence number {i} of a stream about {topic}" for i, topic in enumerate(["cats", "tax"] * 6)
+    ]
+    requests = [enc.EncodeRequest(request_id=f"r{i}", inputs=texts(s)) for i, s in enumerate(sentences)]
     responses = list(worker_stub.EncodeStream(iter(requests)))
     assert [r.request_id for r in responses] == [f"r{i}" for i in range(12)]
     assert all(len(r.embeddings) == 1 for r in responses)
+    got = np.stack([vectors(r)[0] for r in responses])  # each answer holds its own request's vector
+    assert np.all(cosine(got, minilm.encode(sentences, convert_to_numpy=True)) >= 0.9999)
 
 
-async def test_concurrent_requests_of_mixed_lengths(text_service) -> None:
+async def test_concurrent_requests_of_mixed_lengths(text_service, minilm) -> None:
     """Many single-sentence calls at once: tokenising (prepare thread) and the model (batch thread)
     overlap, and must not share tokenizer state."""
     async with grpc.aio.insecure_channel(text_service.address) as channel:
@@ -95,6 +100,8 @@ async def test_concurrent_requests_of_mixed_lengths(text_service) -> None:
     assert all(len(r.embeddings) == 1 and r.embeddings[0].vector.dim == 384 for r in responses)
     tokens = [r.embeddings[0].input_tokens for r in responses]
     assert tokens == [len(s.split()) + 2 for s in sentences]
+    got = np.stack([vectors(r)[0] for r in responses])  # and the vectors are each sentence's own
+    assert np.all(cosine(got, minilm.encode(sentences, convert_to_numpy=True)) >= 0.9999)
 
 
 async def test_a_stream_the_caller_cancels_leaves_the_worker_answering(text_service) -> None:
