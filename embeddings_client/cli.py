@@ -17,10 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
-from rich.text import Text
+
+try:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+    from rich.text import Text
+except ImportError as missing:  # the client was installed without its `cli` extra
+    raise SystemExit(
+        f"the embeddings command needs {missing.name}: pip install 'embeddings-client[cli]'"
+    ) from missing
 
 from embeddings_client import bulk
 from embeddings_client.connection import DEFAULT_ADDRESS
