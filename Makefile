@@ -73,7 +73,5 @@ client-wheel: protos ## The client alone (embeddings_client + the contracts): bu
 	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w build/dist clients/python
 	@ls build/dist/embeddings_client-$(VERSION)-py3-none-any.whl
 
-images: ## The five container images (needs a Docker engine; not run in CI): embeddings/<service>:$(VERSION).
-	for target in gateway index text image useritem; do \
-		docker build -f deploy/Dockerfile --target $$target -t embeddings/$$target:$(VERSION) . || exit 1; \
-	done
+images: ## The five container images, embeddings/<service>:$(VERSION) (needs Docker; not in CI). deploy/images.sh.
+	deploy/images.sh $(VERSION)
