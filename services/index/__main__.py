@@ -2,9 +2,11 @@
 
 import asyncio
 import socket
+import sys
 
 import grpc
 from embeddings.v1 import index_pb2, index_pb2_grpc
+from pydantic import ValidationError
 
 from services.common.server import serve
 from services.index.service import IndexService
@@ -13,7 +15,10 @@ from services.index.store import IndexStore
 
 
 def main() -> None:
-    settings = ShardSettings()
+    try:
+        settings = ShardSettings()
+    except ValidationError as error:  # a settings error is one message, not a traceback
+        sys.exit(f"index cannot start: {error}")
     store = IndexStore(settings)
     shard = settings.shard_name or f"{socket.gethostname()}:{settings.port}"
     service = IndexService(store, settings, shard)
