@@ -9,7 +9,7 @@ PROTOS := $(wildcard $(PROTO_DIR)/embeddings/v1/*.proto)
 VERSION := 0.1.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup deps redis-server protos test test-unit run bench bench-image bench-index bench-useritem soak lint clean images client-wheel
+.PHONY: setup deps redis-server protos test test-unit run bench bench-image bench-index bench-useritem soak lint clean images deploy-smoke client-wheel
 
 setup: deps redis-server protos ## Install everything: Python deps (pinned), redis-server, generated contracts.
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . -e clients/python
@@ -75,3 +75,6 @@ client-wheel: protos ## The client alone (embeddings_client + the contracts): bu
 
 images: ## The five container images, embeddings/<service>:$(VERSION) (needs Docker; not in CI). deploy/images.sh.
 	deploy/images.sh $(VERSION)
+
+deploy-smoke: images protos ## The compose stack for real (needs Docker; not in CI): up, every call, kills, restart, down.
+	PYTHONPATH=$(GEN):$(CURDIR) $(PY) -m harness.deploy_smoke $(SMOKE_ARGS)
