@@ -9,10 +9,10 @@ PROTOS := $(wildcard $(PROTO_DIR)/embeddings/v1/*.proto)
 VERSION := 0.1.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup deps redis-server protos test test-unit run bench bench-image bench-index bench-storage bench-useritem soak lint clean images
+.PHONY: setup deps redis-server protos test test-unit run bench bench-image bench-index bench-storage bench-useritem soak lint clean images deploy-smoke client-wheel
 
 setup: deps redis-server protos ## Install everything: Python deps (pinned), redis-server, generated contracts.
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . -e clients/python
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -71,9 +71,14 @@ lint:
 	$(VENV)/bin/mypy services harness embeddings_client
 
 clean:
-	rm -rf $(GEN) build *.egg-info
+	rm -rf $(GEN) build *.egg-info clients/python/build clients/python/*.egg-info
 
-images: ## The five container images (needs a Docker engine; not run in CI): embeddings/<service>:$(VERSION).
-	for target in gateway index text image useritem; do \
-		docker build -f deploy/Dockerfile --target $$target -t embeddings/$$target:$(VERSION) . || exit 1; \
-	done
+client-wheel: protos ## The client alone (embeddings_client + the contracts): build/dist/embeddings_client-$(VERSION)-py3-none-any.whl.
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w build/dist clients/python
+	@ls build/dist/embeddings_client-$(VERSION)-py3-none-any.whl
+
+images: ## The five container images, embeddings/<service>:$(VERSION) (needs Docker; not in CI). deploy/images.sh.
+	deploy/images.sh $(VERSION)
+
+deploy-smoke: images protos ## The compose stack for real (needs Docker; not in CI): up, every call, kills, restart, down.
+	PYTHONPATH=$(GEN):$(CURDIR) $(PY) -m harness.deploy_smoke $(SMOKE_ARGS)

@@ -11,11 +11,12 @@ from embeddings_client import calls
 from embeddings_client.calls import Out, Streaming, Unary
 from embeddings_client.connection import DEFAULT_ADDRESS, Connection, ConnectionOptions
 from embeddings_client.errors import from_rpc_error
-from embeddings_client.messages import ImageSource, Interaction, Item, Query
+from embeddings_client.messages import ImageSource, Interaction, Item, Query, Rated
 from embeddings_client.results import (
     Deleted,
     Embeddings,
     FitProgress,
+    FoldIn,
     ModelInfo,
     Recommendations,
     SearchResult,
@@ -31,7 +32,8 @@ class AsyncClient:
 
     Failed calls raise `EmbeddingsError` subclasses (`InvalidArgument`, `NotFound`, ...). Each unary call
     has a deadline (`timeout_s`, default the connection's) that covers its retries on UNAVAILABLE; the
-    streaming calls (`upsert_stream`, `fit`) have `stream_timeout_s` and are never retried.
+    streaming calls (`encode_stream`, `upsert_stream`, `fit`) have `stream_timeout_s` and are never
+    retried.
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, **options: Unpack[ConnectionOptions]) -> None:
@@ -106,6 +108,54 @@ class AsyncClient:
         """Vectors of one image or several: file bytes, paths or PIL images."""
         return await self._unary(calls.encode_image(images, model, dimensions, normalize, dtype), timeout_s)
 
+    async def encode_users(
+        self,
+        user_ids: str | Sequence[str],
+        *,
+        model: str = "",
+        dimensions: int = 0,
+        normalize: bool = True,
+        dtype: str = "float32",
+        timeout_s: float | None = None,
+    ) -> Embeddings:
+        """The learnt vectors of users of a user-item model (model "": the gateway's default one)."""
+        return await self._unary(
+            calls.encode_ids(user_ids, "user", model, dimensions, normalize, dtype), timeout_s
+        )
+
+    async def encode_items(
+        self,
+        item_ids: str | Sequence[str],
+        *,
+        model: str = "",
+        dimensions: int = 0,
+        normalize: bool = True,
+        dtype: str = "float32",
+        timeout_s: float | None = None,
+    ) -> Embeddings:
+        """The learnt vectors of items of a user-item model (model "": the gateway's default one)."""
+        return await self._unary(
+            calls.encode_ids(item_ids, "item", model, dimensions, normalize, dtype), timeout_s
+        )
+
+    def encode_stream(
+        self,
+        batches: Iterable[Sequence[Query]],
+        *,
+        model: str = "",
+        dimensions: int = 0,
+        normalize: bool = True,
+        dtype: str = "float32",
+        strict: bool = False,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[Embeddings]:
+        """Bulk encoding through one stream: one request per batch (texts, or images), one `Embeddings`
+        per batch, in order. The next batches are sent while earlier ones are encoded. Not retried: a
+        stream cut short is resumed by sending the batches not yet answered."""
+        return self._stream(
+            calls.encode_stream(batches, model, dimensions, normalize, dtype, strict), timeout_s
+        )
+
     async def similarity(
         self,
         queries: Sequence[Query],
@@ -169,6 +219,25 @@ class AsyncClient:
         timeout_s: float | None = None,
     ) -> Recommendations:
         return await self._unary(calls.recommend(user_id, k, model, include_seen), timeout_s)
+
+    async def similar_items(
+        self, item_id: str, *, k: int = 10, model: str = "", timeout_s: float | None = None
+    ) -> Recommendations:
+        """The k items closest to a known item (cosine of the learnt item vectors), best first."""
+        return await self._unary(calls.similar_items(item_id, k, model), timeout_s)
+
+    async def fold_in(
+        self,
+        ratings: Rated,
+        *,
+        k: int = 10,
+        model: str = "",
+        include_seen: bool = False,
+        timeout_s: float | None = None,
+    ) -> FoldIn:
+        """A vector, and k recommendations (k=0: none), for a user the model has not seen, from their
+        ratings of known items ({item id: rating} or (item id, rating) pairs), without retraining."""
+        return await self._unary(calls.fold_in(ratings, k, model, include_seen), timeout_s)
 
     def fit(
         self,

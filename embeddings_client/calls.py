@@ -14,11 +14,12 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from embeddings_client import messages
-from embeddings_client.messages import ImageSource, Interaction, Item, Query
+from embeddings_client.messages import ImageSource, Interaction, Item, Query, Rated
 from embeddings_client.results import (
     Deleted,
     Embeddings,
     FitProgress,
+    FoldIn,
     ModelInfo,
     Recommendations,
     SearchResult,
@@ -75,6 +76,27 @@ def encode_image(
     return Unary(GATEWAY + "Encode", request, enc.EncodeResponse, Embeddings.parse)
 
 
+def encode_ids(
+    ids: str | Sequence[str], kind: str, model: str, dimensions: int, normalize: bool, dtype: str
+) -> Unary[Embeddings]:
+    options = messages.encode_options(dimensions, normalize, dtype)
+    request = messages.encode_ids(ids, kind, model, options)
+    return Unary(GATEWAY + "Encode", request, enc.EncodeResponse, Embeddings.parse)
+
+
+def encode_stream(
+    batches: Iterable[Sequence[Query]],
+    model: str,
+    dimensions: int,
+    normalize: bool,
+    dtype: str,
+    strict: bool,
+) -> Streaming[Embeddings]:
+    options = messages.encode_options(dimensions, normalize, dtype, strict)
+    requests = messages.encode_stream(batches, model, options)
+    return Streaming(GATEWAY + "EncodeStream", requests, enc.EncodeResponse, Embeddings.parse)
+
+
 def similarity(
     queries: Sequence[Query],
     candidates: Sequence[Query],
@@ -127,6 +149,16 @@ def delete(ids: Iterable[str], space: str) -> Unary[Deleted]:
 def recommend(user_id: str, k: int, model: str, include_seen: bool) -> Unary[Recommendations]:
     request = rec.RecommendRequest(user_id=user_id, k=k, model=model, include_seen=include_seen)
     return Unary(GATEWAY + "Recommend", request, rec.RecommendResponse, Recommendations.parse)
+
+
+def similar_items(item_id: str, k: int, model: str) -> Unary[Recommendations]:
+    request = rec.SimilarItemsRequest(item_id=item_id, k=k, model=model)
+    return Unary(GATEWAY + "SimilarItems", request, rec.RecommendResponse, Recommendations.parse)
+
+
+def fold_in(ratings: Rated, k: int, model: str, include_seen: bool) -> Unary[FoldIn]:
+    request = messages.fold_in(ratings, model, k, include_seen)
+    return Unary(GATEWAY + "FoldIn", request, rec.FoldInResponse, FoldIn.parse)
 
 
 def fit(

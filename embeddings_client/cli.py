@@ -17,10 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
-from rich.text import Text
+
+try:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+    from rich.text import Text
+except ImportError as missing:  # the client was installed without its `cli` extra
+    raise SystemExit(
+        f"the embeddings command needs {missing.name}: pip install 'embeddings-client[cli]'"
+    ) from missing
 
 from embeddings_client import bulk
 from embeddings_client.connection import DEFAULT_ADDRESS
@@ -82,16 +88,21 @@ def model_text(model: Model) -> str:
 
 
 def encode(client: Client, args: argparse.Namespace, out: Output) -> int:
-    inputs = [query(argument) for argument in args.inputs]
-    images = [item for item in inputs if not isinstance(item, str)]
-    if images and len(images) != len(inputs):
-        raise UsageError("encode takes texts or @images, not both in one call")
     options = {"model": args.model, "dimensions": args.dimensions}
-    result: Embeddings = (
-        client.encode_image(images, **options)
-        if images
-        else client.encode_text([str(item) for item in inputs], **options)
-    )
+    result: Embeddings
+    if args.users or args.items:
+        ids = list(args.inputs)
+        result = client.encode_users(ids, **options) if args.users else client.encode_items(ids, **options)
+    else:
+        inputs = [query(argument) for argument in args.inputs]
+        images = [item for item in inputs if not isinstance(item, str)]
+        if images and len(images) != len(inputs):
+            raise UsageError("encode takes texts or @images, not both in one call")
+        result = (
+            client.encode_image(images, **options)
+            if images
+            else client.encode_text([str(item) for item in inputs], **options)
+        )
 
     def render(console: Console) -> None:
         console.print(Text(f"{model_text(result.model)}: {len(result)} x {result.vectors.shape[1]}"))
@@ -110,6 +121,46 @@ def encode(client: Client, args: argparse.Namespace, out: Output) -> int:
         "truncated": result.truncated,
     }
     out.emit(document, render)
+    return EXIT_OK
+
+
+def encode_bulk(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """Every item of PATH through the streaming Encode, in order; the vectors to a .npy file or stdout."""
+    items = bulk.read_items(args.path)
+    if not items:
+        raise UsageError(f"{args.path}: nothing to encode")
+    if args.output is not None and args.output.suffix != ".npy":
+        raise UsageError(f"--output {args.output}: give a .npy file")
+    batches: list[list[Query]] = [
+        [item.text if item.text is not None else Path(str(item.image)) for item in batch]
+        for batch in bulk.batched(items, args.batch)
+    ]
+    rows: list[np.ndarray] = []
+    versions: list[Model] = []
+    with _progress(out, len(items), "encoding") as advance:
+        for result in client.encode_stream(batches, model=args.model, dimensions=args.dimensions):
+            rows.append(result.vectors)
+            versions.append(result.model)
+            advance(len(result))
+    vectors, model, ids = np.concatenate(rows), versions[-1], [item.id for item in items]
+    if args.output is not None:
+        np.save(args.output, vectors)
+    document: dict[str, Any] = {"model": asdict(model), "ids": ids, "shape": list(vectors.shape)}
+    document |= {"output": str(args.output)} if args.output is not None else {"vectors": vectors}
+
+    def render(console: Console) -> None:
+        saved = f", saved to {args.output} (rows: the ids below, in order)" if args.output else ""
+        console.print(Text(f"{model_text(model)}: {vectors.shape[0]} x {vectors.shape[1]}{saved}"))
+        shown = Table("#", "id", "vector", header_style="bold")
+        for number, (item_id, row) in enumerate(zip(ids, vectors, strict=True), start=1):
+            shown.add_row(str(number), Text(item_id), f"[{', '.join(f'{v:.4f}' for v in row[:4])}, ...]")
+        console.print(shown)
+
+    out.emit(document, render)
+    if len(set(versions)) > 1:  # a new version was deployed mid-run: its vectors do not compare with the old
+        found = ", ".join(sorted({one.version for one in versions}))
+        print(f"error: the model changed version during the run ({found}): encode again", file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_OK
 
 
@@ -158,6 +209,18 @@ def search(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def delete(client: Client, args: argparse.Namespace, out: Output) -> int:
+    result = client.delete(args.ids, space=args.space)
+    document = {"deleted": result.deleted, "not_found": result.not_found}
+    out.emit(
+        document,
+        lambda console: console.print(
+            Text(f"deleted {result.deleted} from {args.space}; {result.not_found} not found")
+        ),
+    )
+    return EXIT_OK
+
+
 def _key_value(pair: str) -> tuple[str, str]:
     key, separator, value = pair.partition("=")
     if not separator or not key:
@@ -200,17 +263,19 @@ def index(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-def _progress(out: Output, total: int) -> AbstractContextManager[Callable[[int], None]]:
+def _progress(
+    out: Output, total: int, label: str = "indexing"
+) -> AbstractContextManager[Callable[[int], None]]:
     """A progress bar's `advance` on a terminal; elsewhere (--json, pipes, tests) a no-op."""
     if not out.interactive:
         return nullcontext(lambda count: None)
-    return _Bar(out.console, total)
+    return _Bar(out.console, total, label)
 
 
 class _Bar(AbstractContextManager[Callable[[int], None]]):
-    def __init__(self, console: Console, total: int) -> None:
+    def __init__(self, console: Console, total: int, label: str) -> None:
         self._progress = Progress(
-            TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+            TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
         )
         self._task = self._progress.add_task("index", total=total)
 
@@ -267,6 +332,36 @@ def recommend(client: Client, args: argparse.Namespace, out: Output) -> int:
     document = {"model": asdict(result.model), "items": [asdict(hit) for hit in result.items]}
     out.emit(document, lambda console: console.print(hits_table(result.items, model_text(result.model))))
     return EXIT_OK
+
+
+def similar_items(client: Client, args: argparse.Namespace, out: Output) -> int:
+    result = client.similar_items(args.item, k=args.k, model=args.model)
+    document = {"model": asdict(result.model), "items": [asdict(hit) for hit in result.items]}
+    out.emit(document, lambda console: console.print(hits_table(result.items, model_text(result.model))))
+    return EXIT_OK
+
+
+def fold_in(client: Client, args: argparse.Namespace, out: Output) -> int:
+    ratings = [_rating(pair) for pair in args.ratings]
+    result = client.fold_in(ratings, k=args.k, model=args.model, include_seen=args.include_seen)
+    document = {
+        "model": asdict(result.model),
+        "vector": result.vector,
+        "items": [asdict(hit) for hit in result.items],
+    }
+    out.emit(document, lambda console: console.print(hits_table(result.items, model_text(result.model))))
+    return EXIT_OK
+
+
+def _rating(pair: str) -> tuple[str, float]:
+    item, separator, value = pair.rpartition("=")
+    try:
+        rating = float(value)
+    except ValueError:
+        rating = float("nan")
+    if not separator or not item or rating != rating:
+        raise UsageError(f"fold-in takes ITEM=RATING pairs (e.g. 260=5), not {pair!r}")
+    return item, rating
 
 
 def models(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -345,10 +440,30 @@ def parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    sub = command("encode", encode, "Vectors of texts, or of images given as @path.")
+    sub = command("encode", encode, "Vectors of texts, of images given as @path, or of user or item ids.")
     sub.add_argument("inputs", nargs="+", metavar="INPUT", help="a text, or @path of an image file")
     sub.add_argument("--model", default="", help="model id (default: the gateway's for the inputs' kind)")
     sub.add_argument("--dimensions", type=int, default=0, help="keep the first N dimensions")
+    ids = sub.add_mutually_exclusive_group()
+    ids.add_argument("--users", action="store_true", help="the inputs are user ids (a user-item model's)")
+    ids.add_argument("--items", action="store_true", help="the inputs are item ids (a user-item model's)")
+
+    sub = command(
+        "encode-bulk",
+        encode_bulk,
+        "Vectors of every item of a folder of images, a .txt file (one text per line) or a .csv file "
+        "(columns id,text), through one stream, in order.",
+    )
+    sub.add_argument("path", type=Path, metavar="PATH")
+    sub.add_argument("--model", default="", help="model id (default: the gateway's for the items' kind)")
+    sub.add_argument("--dimensions", type=int, default=0, help="keep the first N dimensions")
+    sub.add_argument("--batch", type=_positive, default=32, help="inputs per request (default %(default)s)")
+    sub.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="save the vectors to this .npy file (rows: the items in order)",
+    )
 
     sub = command("similarity", similarity, "Cosine similarity of a query and candidates (texts or @images).")
     sub.add_argument("query", help="a text, or @path of an image file")
@@ -391,6 +506,12 @@ def parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--restart", action="store_true", help="forget the journal: send every item again")
 
+    sub = command(
+        "delete", delete, "Remove items from a space by id (unknown ids are counted, not an error)."
+    )
+    sub.add_argument("ids", nargs="+", metavar="ID")
+    sub.add_argument("--space", required=True, help="the space the items are in")
+
     sub = command("fit", fit, "Train a user-item model from a CSV of user_id,item_id,rating[,timestamp].")
     sub.add_argument("file", type=Path, metavar="FILE")
     sub.add_argument("--model", default="", help="the model to train (default: the worker's)")
@@ -401,6 +522,19 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("-k", type=int, default=10, help="items to return (default %(default)s)")
     sub.add_argument("--model", default="", help="the user-item model (default: the gateway's)")
     sub.add_argument("--include-seen", action="store_true", help="also items the user interacted with")
+
+    sub = command("similar-items", similar_items, "Items closest to a known item (learnt item vectors).")
+    sub.add_argument("item", metavar="ITEM")
+    sub.add_argument("-k", type=int, default=10, help="items to return (default %(default)s)")
+    sub.add_argument("--model", default="", help="the user-item model (default: the gateway's)")
+
+    sub = command(
+        "fold-in", fold_in, "Items for a new user from their ratings of known items, without retraining."
+    )
+    sub.add_argument("ratings", nargs="+", metavar="ITEM=RATING", help="a rating of a known item, e.g. 260=5")
+    sub.add_argument("-k", type=int, default=10, help="items to return (default %(default)s)")
+    sub.add_argument("--model", default="", help="the user-item model (default: the gateway's)")
+    sub.add_argument("--include-seen", action="store_true", help="also the items rated here")
 
     command("models", models, "The models behind the gateway.")
 

@@ -1,5 +1,5 @@
 """Building requests from Python values: texts, images (bytes, a path or a PIL image), vectors, items to
-index and interactions to learn from."""
+index and interactions to learn from. Pillow is optional: PIL images are accepted where it is installed."""
 
 import io
 import json
@@ -14,16 +14,27 @@ from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import gateway_pb2 as gw
 from embeddings.v1 import recommender_pb2 as rec
 from embeddings.v1 import types_pb2 as pb
-from PIL import Image
 
-ImageSource: TypeAlias = bytes | bytearray | str | os.PathLike[str] | Image.Image
+try:
+    from PIL.Image import Image as PILImage
+except ImportError:  # no Pillow: then no object is a PIL image, and nothing else changes
+
+    class PILImage:  # type: ignore[no-redef]
+        """Stands in for PIL.Image.Image where Pillow is not installed."""
+
+
+ImageSource: TypeAlias = bytes | bytearray | str | os.PathLike[str] | PILImage
 """The bytes of an image file, the path of one, or a PIL image (sent as PNG)."""
 
-Query: TypeAlias = str | bytes | bytearray | os.PathLike[str] | Image.Image
+Query: TypeAlias = str | bytes | bytearray | os.PathLike[str] | PILImage
 """A `str` is a text; bytes, a `pathlib.Path` or a PIL image is an image."""
 
 Interaction: TypeAlias = tuple[str, str, float] | tuple[str, str, float, int]
 """(user id, item id, rating) or (user id, item id, rating, timestamp in seconds since the epoch)."""
+
+Rated: TypeAlias = Mapping[str, float] | Iterable[tuple[str, float]]
+"""A new user's ratings of known items for FoldIn: {item id: rating} or (item id, rating) pairs (an
+implicit model ignores the ratings)."""
 
 DTYPES = {
     "float32": pb.DTYPE_FLOAT32,
@@ -42,7 +53,7 @@ KINDS = {
 def image_bytes(image: ImageSource) -> bytes:
     if isinstance(image, bytes | bytearray):
         return bytes(image)
-    if isinstance(image, Image.Image):
+    if isinstance(image, PILImage):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return buffer.getvalue()
@@ -80,10 +91,30 @@ def encode_texts(texts: str | Sequence[str], model: str, options: pb.EncodeOptio
     return enc.EncodeRequest(model=model, inputs=inputs, options=options)
 
 
+def encode_ids(
+    ids: str | Sequence[str], kind: str, model: str, options: pb.EncodeOptions
+) -> enc.EncodeRequest:
+    """The learnt vectors of user ids (`kind` "user") or item ids ("item") of a user-item model."""
+    if kind not in ("user", "item"):
+        raise ValueError(f"kind must be user or item, not {kind!r}")
+    inputs = [pb.Input(**{f"{kind}_id": one}) for one in _one_or_many(ids, str)]
+    return enc.EncodeRequest(model=model, inputs=inputs, options=options)
+
+
+def encode_stream(
+    batches: Iterable[Sequence[Query]], model: str, options: pb.EncodeOptions
+) -> Iterator[enc.EncodeRequest]:
+    """One request per batch (texts, or images: bytes, a path or a PIL image), numbered in order; an image
+    is read only when its batch is sent."""
+    for number, batch in enumerate(batches):
+        inputs = [query_input(one) for one in batch]
+        yield enc.EncodeRequest(model=model, inputs=inputs, options=options, request_id=str(number))
+
+
 def encode_images(
     images: ImageSource | Sequence[ImageSource], model: str, options: pb.EncodeOptions
 ) -> enc.EncodeRequest:
-    single = (bytes, bytearray, str, os.PathLike, Image.Image)
+    single = (bytes, bytearray, str, os.PathLike, PILImage)
     inputs = [image_input(image) for image in _one_or_many(images, single)]
     return enc.EncodeRequest(model=model, inputs=inputs, options=options)
 
@@ -195,6 +226,12 @@ def fit(
             first, chunk, sent = rec.FitRequest(), [], True
     if chunk or not sent:
         yield _with(first, chunk)
+
+
+def fold_in(ratings: Rated, model: str, k: int, include_seen: bool) -> rec.FoldInRequest:
+    pairs = ratings.items() if isinstance(ratings, Mapping) else ratings
+    interactions = [rec.Interaction(item_id=item, rating=float(rating)) for item, rating in pairs]
+    return rec.FoldInRequest(interactions=interactions, model=model, k=k, include_seen=include_seen)
 
 
 def _with(request: rec.FitRequest, chunk: list[rec.Interaction]) -> rec.FitRequest:

@@ -147,6 +147,24 @@ class Recommendations:
 
 
 @dataclass(frozen=True)
+class FoldIn:
+    """A vector for a user the model was not trained on (float32, not normalised, comparable with the
+    model's item vectors), and, when asked for (k > 0), the items recommended to that user, best first."""
+
+    vector: np.ndarray
+    model: Model
+    items: list[Hit]
+
+    @classmethod
+    def parse(cls, response: rec.FoldInResponse) -> "FoldIn":
+        return cls(
+            decode_vector(response.vector),
+            Model.parse(response.model),
+            [Hit.parse(hit) for hit in response.items],
+        )
+
+
+@dataclass(frozen=True)
 class UpsertAck:
     """The gateway acknowledged (stored durably) the items `ids` of one request of a bulk upsert."""
 

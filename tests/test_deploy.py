@@ -10,10 +10,19 @@
   to, each service's settings are built from exactly that environment, and ports, probes, Services and
   the gateway's addresses agree with them.
 - The light image: the gateway and the index shard import with only requirements-core.txt installed.
+- The images' real entry points: each CMD's module starts with the settings class the environments
+  above are checked against; compose and the manifests run the image's own command, user and health
+  check (which finds a plaintext port to ask in that environment) on ports the image exposes; the
+  compose file stays within what Debian's docker-compose 1.29 accepts (the smoke test's).
+- What goes into the images: the build context holds what the Dockerfile copies and not the harness,
+  tests or tokens; the two wheels the Dockerfile builds hold every entry point and the contracts, and
+  no harness; pyproject.toml declares, as ranges, exactly what the requirements files pin.
 """
 
+import ast
 import base64
 import copy
+import fnmatch
 import functools
 import importlib
 import json
@@ -41,7 +50,7 @@ from pydantic_settings import BaseSettings
 
 from services.common.settings import ServiceSettings
 from services.gateway.settings import GatewaySettings
-from services.healthcheck import SETTINGS
+from services.healthcheck import SETTINGS, probe_port
 from services.index.settings import ShardSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1290,9 +1299,12 @@ def lint(dockerfile: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_hadolint_passes_the_dockerfile(tmp_path: Path) -> None:
-    result = lint(DOCKERFILE, tmp_path)
-    assert result.returncode == 0, f"hadolint deploy/Dockerfile:\n{result.stdout}{result.stderr}"
+@pytest.mark.parametrize(
+    "dockerfile", [DOCKERFILE, DEPLOY / "local" / "base.Dockerfile"], ids=lambda p: p.name
+)
+def test_hadolint_passes_the_dockerfiles(dockerfile: Path, tmp_path: Path) -> None:
+    result = lint(dockerfile, tmp_path)
+    assert result.returncode == 0, f"hadolint {dockerfile}:\n{result.stdout}{result.stderr}"
 
 
 def test_hadolint_fails_a_bad_dockerfile(tmp_path: Path) -> None:
@@ -1484,3 +1496,257 @@ def test_gateway_and_shard_run_with_the_core_requirements_only() -> None:
     assert not outside, f"imported from distributions not pinned in requirements-core.txt: {outside}"
     used = {dist for dists in loaded.values() for dist in dists} & core
     assert "grpcio" in used and "numpy" in used, f"the probe imported too little to prove anything: {loaded}"
+
+
+# ======================================================================================================
+# The images' real entry points: what compose and the manifests run is what the images hold and start
+# ======================================================================================================
+
+
+def target_command(target: str) -> list[str]:
+    commands = [json.loads(rest) for stage in stage_chain(target) for rest in stage.all("CMD")]
+    assert commands, f"target {target} has no CMD"
+    command: list[str] = commands[-1]
+    return command
+
+
+def target_exposed(target: str) -> set[int]:
+    return {
+        int(port.split("/")[0])
+        for stage in stage_chain(target)
+        for rest in stage.all("EXPOSE")
+        for port in rest.split()
+    }
+
+
+def settings_built_by(module: str) -> set[str]:
+    """The names of the settings classes a module's code instantiates (calls of `...Settings()`)."""
+    spec = importlib.util.find_spec(module)
+    assert spec and spec.origin, f"no module {module}"
+    tree = ast.parse(Path(spec.origin).read_text())
+    return {
+        node.func.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id.endswith("Settings")
+    }
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_image_entry_point_reads_the_settings_the_deploy_files_are_checked_against(service: str) -> None:
+    """CMD runs services.<target>, whose start-up builds the settings class that the health check loads
+    and that every environment in compose and the manifests is checked against (above)."""
+    assert not [rest for stage in stage_chain(service) for rest in stage.all("ENTRYPOINT")], (
+        f"target {service} has an ENTRYPOINT: compose and the manifests assume CMD alone starts it"
+    )
+    command = target_command(service)
+    assert command[:2] == ["python", "-m"], f"target {service}: CMD {command}"
+    cls = SETTINGS[service].split(":")[1]
+    built = settings_built_by(f"{command[2]}.__main__")
+    assert built == {cls}, (
+        f"{command[2]} starts with {built or 'no settings'}, but {service} is checked as {cls}"
+    )
+
+
+def our_compose_names() -> list[str]:
+    return [name for name, spec in compose()["services"].items() if "build" in spec]
+
+
+@pytest.mark.parametrize("name", collected(our_compose_names))
+def test_compose_runs_the_images_own_entry_point_user_and_health_check(name: str) -> None:
+    ours = compose_service(name)
+    target = ours.service
+    for key in ("command", "entrypoint"):
+        value = ours.spec.get(key)
+        assert value in (None, target_command(target)), (
+            f"{ours.where}: {key} {value!r} replaces the image's {target_command(target)}"
+        )
+    user = ours.spec.get("user")
+    assert user in (None, target_user(target)), (
+        f"{ours.where}: user {user!r}, but the image's volumes belong to {target_user(target)!r}"
+    )
+    check = ours.spec.get("healthcheck")
+    if check is not None:
+        assert not check.get("disable"), f"{ours.where} disables the health check compose's start order needs"
+        test = check.get("test")
+        assert test in (None, ["CMD", *(target_health_argv(target) or [])]), (
+            f"{ours.where}: healthcheck {test!r} is not the image's {target_health_argv(target)}"
+        )
+    # the image's health check, run with this environment, has a plaintext port to ask
+    try:
+        port = probe_port(ours.settings)
+    except ValueError as error:
+        pytest.fail(f"{ours.where}: the image's health check cannot ask it: {error}")
+    assert port in (ours.settings.port, ours.settings.health_port)
+    exposed = target_exposed(target)
+    assert {ours.settings.port, ours.settings.metrics_port} <= exposed, (
+        f"{ours.where}: listens on {ours.settings.port}/{ours.settings.metrics_port}, the image exposes {exposed}"
+    )
+
+
+@pytest.mark.parametrize("key", collected(lambda: [key for key, _, _ in our_k8s_containers()]))
+def test_k8s_runs_the_images_own_entry_point(key: str) -> None:
+    ours = k8s_container(key)
+    for field in ("command", "args"):
+        value = ours.container.get(field)
+        assert value in (None, target_command(ours.service)), (
+            f"{ours.where}: {field} {value!r} replaces the image's {target_command(ours.service)}"
+        )
+    exposed = target_exposed(ours.service)
+    assert {ours.settings.port, ours.settings.metrics_port} <= exposed, (
+        f"{ours.where}: listens on {ours.settings.port}/{ours.settings.metrics_port}, the image exposes {exposed}"
+    )
+
+
+def test_compose_file_avoids_what_compose_v1_refuses() -> None:
+    """Debian's docker-compose (1.29) refuses a top-level `name` and long-syntax bind options; the smoke
+    test runs the file with it (deploy/compose.yaml must work with `docker compose` and `docker-compose`)."""
+    raw = compose_raw()
+    assert "name" not in raw, "top-level `name`: docker-compose 1.29 refuses it (use -p)"
+    for name, spec in raw["services"].items():
+        for volume in spec.get("volumes", []):
+            assert not (isinstance(volume, dict) and "bind" in volume), (
+                f"{name}: a bind mount's `bind:` options are refused by docker-compose 1.29"
+            )
+
+
+# --- what goes into the images ----------------------------------------------------------------------------
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule, for the patterns used here: a path is left out when it or a folder above it matches
+    a pattern (`**/x`: a file or folder x at any depth)."""
+    parts = PurePosixPath(path).parts
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    for pattern in patterns:
+        assert not pattern.startswith("!"), "exceptions (!) are not understood by this test"
+        if pattern.startswith("**/"):
+            if any(fnmatch.fnmatchcase(part, pattern.removeprefix("**/")) for part in parts):
+                return True
+        elif any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes):
+            return True
+    return False
+
+
+def test_the_build_context_holds_what_the_dockerfile_copies_and_not_the_harness() -> None:
+    patterns = dockerignore_patterns()
+    copied = [
+        [word for word in rest.split() if not word.startswith("--")][:-1]
+        for stage in dockerfile_stages().values()
+        for rest in stage.all("COPY")
+        if "--from=" not in rest
+    ]
+    for sources in copied:
+        for source in sources:
+            assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which does not exist"
+            assert not ignored(source.rstrip("/"), patterns), (
+                f".dockerignore leaves out {source}, which is copied"
+            )
+    for kept_out in (
+        "harness",
+        "tests",
+        "bench",
+        ".venv",
+        "gen",
+        "deploy/k8s/gateway-tokens.txt",
+        "deploy/k8s/backend-token.txt",
+    ):
+        assert ignored(kept_out, patterns), f"{kept_out} is sent into the image build"
+    assert not ignored("services/gateway/__main__.py", patterns)
+
+
+@functools.cache
+def built_wheels(root: str) -> dict[str, set[str]]:
+    """The file lists of the two wheels the Dockerfile builds (the services; the client with the
+    contracts), built offline from a copy of what the Dockerfile copies into its wheels stage."""
+    import tempfile
+    import zipfile
+
+    work = Path(tempfile.mkdtemp(prefix="deploy-wheels-"))
+    try:
+        for part in ("pyproject.toml", "services", "embeddings_client", "clients", "gen/python"):
+            source, target = Path(root) / part, work / part
+            if source.is_dir():
+                shutil.copytree(
+                    source, target, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info")
+                )
+            else:
+                shutil.copy2(source, target)
+        dist = work / "dist"
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+             "-w", str(dist), str(work / "clients/python"), str(work)],
+            capture_output=True, text=True, timeout=300, cwd=work,
+        )  # fmt: skip
+        assert result.returncode == 0, f"building the wheels failed:\n{result.stderr[-3000:]}"
+        return {
+            wheel.name.split("-")[0]: set(zipfile.ZipFile(wheel).namelist()) for wheel in dist.glob("*.whl")
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_the_images_wheels_hold_the_entry_points_and_not_the_harness() -> None:
+    wheels = built_wheels(str(ROOT))
+    services, client = wheels["embeddings_services"], wheels["embeddings_client"]
+    for service in SERVICES:
+        module = target_command(service)[2]
+        assert f"{module.replace('.', '/')}/__main__.py" in services, f"the services wheel lacks {module}"
+    assert "services/healthcheck.py" in services
+    assert "services/image/backends/imagenet_classes.txt" in services
+    assert not {
+        name
+        for name in services
+        if name.split("/")[0] in ("harness", "tests", "bench", "embeddings_client", "embeddings")
+    }
+    contracts = {PurePosixPath(proto).stem for proto in (ROOT / "protos/embeddings/v1").glob("*.proto")}
+    for stem in contracts:
+        assert {f"embeddings/v1/{stem}_pb2.py", f"embeddings/v1/{stem}_pb2_grpc.py"} <= client, stem
+    assert "embeddings_client/cli.py" in client and not {
+        n for n in client if n.startswith(("services/", "harness/"))
+    }
+    (entry_points,) = [name for name in client if name.endswith(".dist-info/entry_points.txt")]
+    assert entry_points
+
+
+# --- what pyproject.toml declares against what the images pin ------------------------------------------
+
+
+def declared(requirements: list[str]) -> dict[str, Any]:
+    from packaging.requirements import Requirement
+
+    parsed = [Requirement(line) for line in requirements]
+    return {canonical(requirement.name): requirement.specifier for requirement in parsed}
+
+
+def test_pyproject_declares_what_the_images_pin() -> None:
+    import tomllib
+
+    services = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    client = tomllib.loads((ROOT / "clients/python/pyproject.toml").read_text())["project"]
+    core = requirement_pins(ROOT / "requirements-core.txt")
+    model = {
+        name: pin for name, pin in requirement_pins(ROOT / "requirements.txt").items() if name not in core
+    }
+    runtime = declared(services["dependencies"])
+    assert str(runtime.pop("embeddings-client")) == f"=={client['version']}", "the services need this client"
+    models = declared(services["optional-dependencies"]["models"])
+    for what, wanted, pins in (("dependencies", runtime, core), ("models", models, model)):
+        assert set(wanted) == set(pins), (
+            f"pyproject {what} {sorted(wanted)} but the images pin {sorted(pins)}"
+        )
+        for name, specifier in wanted.items():
+            assert specifier.contains(pins[name]), f"{name}=={pins[name]} is outside pyproject's {specifier}"
+    for name, specifier in declared(client["dependencies"]).items():
+        assert name in core and specifier.contains(core[name]), (
+            f"client needs {name}{specifier}, core pins {core.get(name)}"
+        )
+    cli = declared(client["optional-dependencies"]["cli"])
+    dev = requirement_pins(ROOT / "requirements-dev.txt")
+    assert all(spec.contains(dev[name]) for name, spec in cli.items()), f"the cli extra {cli} against {dev}"

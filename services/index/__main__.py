@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 from embeddings.v1 import index_pb2, index_pb2_grpc
+from pydantic import ValidationError
 
 from services.common.server import serve
 from services.index import salvage, verify
@@ -24,7 +25,10 @@ from services.index.store import IndexStore
 
 def run_shard() -> None:
     return_freed_arrays()
-    settings = ShardSettings()
+    try:
+        settings = ShardSettings()
+    except ValidationError as error:  # a settings error is one message, not a traceback
+        sys.exit(f"index cannot start: {error}")
     store = IndexStore(settings)
     shard = settings.shard_name or f"{socket.gethostname()}:{settings.port}"
     service = IndexService(store, settings, shard)

@@ -2,9 +2,11 @@
 
 import asyncio
 import logging
+import sys
 
 import grpc
 from embeddings.v1 import recommender_pb2, recommender_pb2_grpc
+from pydantic import ValidationError
 
 from services.common.server import serve
 from services.encoder.service import EncoderService
@@ -20,7 +22,10 @@ log = logging.getLogger("useritem")
 
 
 def main() -> None:
-    settings = UserItemSettings()
+    try:
+        settings = UserItemSettings()
+    except ValidationError as error:  # a settings error is one message, not a traceback
+        sys.exit(f"useritem cannot start: {error}")
     configure_torch(settings)
     store = ModelStore(settings.data_dir, settings.keep_versions)
     catalog = Catalog(settings.default_model)

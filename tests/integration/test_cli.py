@@ -1,4 +1,4 @@
-"""The `embeddings` command (the console script that `pip install -e .` puts in the venv), run as a real
+"""The `embeddings` command (the console script of the client's distribution, clients/python), run as a real
 subprocess against the real system: every command, `--json` for scripts, exit codes (0, 1 with the
 status code and message on stderr, 2 for usage errors, 130 for Ctrl-C), TLS and tokens, and `index`:
 a folder of photos then a text search that finds the cat, text and CSV files, and a run killed midway
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from harness.processes import free_port
@@ -81,6 +82,28 @@ def test_encode_texts_and_images_as_json(address: str, tmp_path: Path) -> None:
     assert table.returncode == 0 and "all-MiniLM-L6-v2" in table.stdout and "1 x 384" in table.stdout
 
 
+def test_encode_bulk_streams_a_file_in_order_to_npy(address: str, tmp_path: Path) -> None:
+    notes = tmp_path / "bulk.txt"
+    lines = ["bulk: a cat", "bulk: a dog", "bulk: stocks fell", "bulk: an espresso", "bulk: a rocket"]
+    notes.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "bulk.npy"
+    saved = ok_json(
+        embeddings("--json", "encode-bulk", notes, "--batch", "2", "--output", output, address=address)
+    )
+    inline = ok_json(embeddings("--json", "encode-bulk", notes, "--dimensions", "8", address=address))
+    one_by_one = ok_json(embeddings("--json", "encode", *lines, address=address))
+    photos = tmp_path / "photos"
+    write_photos(photos, ("chelsea", "coffee"))
+    images = ok_json(embeddings("--json", "encode-bulk", photos, address=address))
+    table = embeddings("encode-bulk", notes, address=address)
+    assert saved["ids"] == [f"bulk.txt:{n}" for n in range(1, 6)] and saved["shape"] == [5, 384]
+    assert saved["model"]["id"] == "all-MiniLM-L6-v2" and saved["output"] == str(output)
+    assert np.allclose(np.load(output), np.array(one_by_one["vectors"]), atol=1e-6)
+    assert np.array(inline["vectors"]).shape == (5, 8)
+    assert images["ids"] == ["chelsea.jpg", "coffee.jpg"] and images["shape"] == [2, 1280]
+    assert table.returncode == 0 and "bulk.txt:5" in table.stdout and "5 x 384" in table.stdout
+
+
 def test_similarity_of_a_text_and_photos(address: str, tmp_path: Path) -> None:
     write_photos(tmp_path, ("chelsea", "coffee"))
     cat, coffee = f"@{tmp_path / 'chelsea.jpg'}", f"@{tmp_path / 'coffee.jpg'}"
@@ -146,10 +169,13 @@ def test_index_a_text_file_and_a_csv(address: str, tmp_path: Path) -> None:
         )
     )
     pets = ok_json(embeddings("--json", "search", "a kitten", "--where", "topic=pets", address=address))
+    deleted = ok_json(embeddings("--json", "delete", "f-tea", "f-none", "--space", "minilm", address=address))
+    drinks = ok_json(embeddings("--json", "search", "tea", "--where", "topic=drinks", address=address))
     assert (from_notes["indexed"], from_csv["indexed"]) == (2, 2)
     assert coffee["hits"][0]["id"] == "notes.txt:3"
     assert coffee["hits"][0]["payload"] == {"file": "notes.txt", "line": "3"}
     assert [hit["id"] for hit in pets["hits"]] == ["f-cat"] and pets["hits"][0]["payload"]["topic"] == "pets"
+    assert deleted == {"deleted": 1, "not_found": 1} and drinks["hits"] == []
 
 
 def test_an_index_killed_midway_resumes_without_duplicates(
@@ -217,6 +243,20 @@ def test_fit_then_recommend(address: str, tmp_path: Path) -> None:
     )
     table = embeddings("recommend", "u3", "--model", "cli-mf", address=address)
     unknown = embeddings("recommend", "nobody", "--model", "cli-mf", address=address)
+    similar = ok_json(
+        embeddings("--json", "similar-items", "i3", "-k", "2", "--model", "cli-mf", address=address)
+    )
+    folded = ok_json(
+        embeddings("--json", "fold-in", "i0=5", "i1=4.5", "-k", "3", "--model", "cli-mf", address=address)
+    )
+    folded_table = embeddings("fold-in", "i0=5", "--model", "cli-mf", address=address)
+    item_vectors = ok_json(
+        embeddings("--json", "encode", "--items", "i0", "i3", "--model", "cli-mf", address=address)
+    )
+    user_vectors = ok_json(
+        embeddings("--json", "encode", "--users", "u0", "--model", "cli-mf", address=address)
+    )
+    unknown_item = embeddings("fold-in", "no-such-item=5", "--model", "cli-mf", address=address)
     assert fitted["done"] and fitted["model"]["id"] == "cli-mf" and fitted["interactions"] == 72
     assert fitted["progress"][-1] == {key: value for key, value in fitted.items() if key != "progress"}
     assert shown.returncode == 0 and "epoch 1/" in shown.stdout and "cli-mf-2 (version" in shown.stdout
@@ -227,6 +267,15 @@ def test_fit_then_recommend(address: str, tmp_path: Path) -> None:
         and unknown.stderr.startswith("error: NOT_FOUND: ")
         and "nobody" in unknown.stderr
     )
+    version = fitted["model"]["version"]
+    assert [hit["id"] for hit in similar["items"]] and "i3" not in {hit["id"] for hit in similar["items"]}
+    assert len(similar["items"]) == 2 and similar["model"]["version"] == version
+    assert len(folded["vector"]) == 4 and len(folded["items"]) == 3 and folded["model"]["version"] == version
+    assert not {"i0", "i1"} & {hit["id"] for hit in folded["items"]}
+    assert folded_table.returncode == 0 and "cli-mf" in folded_table.stdout
+    assert np.array(item_vectors["vectors"]).shape == (2, 4) and item_vectors["model"]["version"] == version
+    assert np.array(user_vectors["vectors"]).shape == (1, 4)
+    assert unknown_item.returncode == 1 and unknown_item.stderr.startswith("error: NOT_FOUND: ")
 
 
 def test_usage_errors_exit_2(address: str, tmp_path: Path) -> None:
@@ -241,6 +290,12 @@ def test_usage_errors_exit_2(address: str, tmp_path: Path) -> None:
         ("search", "x", "--where", "novalue"),
         ("encode", "text", f"@{tmp_path / 'missing.jpg'}"),
         ("--cert", tmp_path / "client.crt", "models"),
+        ("fold-in", "i0"),
+        ("fold-in", "i0=five"),
+        ("encode", "--users", "--items", "u0"),
+        ("encode-bulk", tmp_path / "missing.txt"),
+        ("encode-bulk", bad_csv),
+        ("encode-bulk", tmp_path, "--output", tmp_path / "vectors.txt"),
     ]
     for case in cases:
         result = embeddings(*case, address=address)

@@ -144,6 +144,49 @@ def test_fit_streams_progress_then_recommend_uses_the_new_version(
     assert len(with_seen.items) == 10
 
 
+def test_encode_stream_answers_each_batch_in_order(client: Client) -> None:
+    texts = [["stream: a cat", "stream: a dog"], ["stream: stocks fell"]]
+    photo = image_files.photo("chelsea", "JPEG")
+    answers = list(client.encode_stream([texts[0], [photo], texts[1]]))
+    assert [len(answer) for answer in answers] == [2, 1, 1]
+    assert [answer.model.id for answer in answers] == [MINILM, "efficientnet-lite0", MINILM]
+    assert np.allclose(answers[0].vectors, client.encode_text(texts[0]).vectors, atol=1e-6)
+    assert np.allclose(answers[2].vectors, client.encode_text(texts[1]).vectors, atol=1e-6)
+    assert np.allclose(answers[1].vectors, client.encode_image(photo).vectors, atol=1e-6)
+    short = list(client.encode_stream([texts[0]], dimensions=8, dtype="float16"))
+    assert short[0].vectors.shape == (2, 8)
+    with pytest.raises(InvalidArgument, match=r"inputs\[1\]\.text"):
+        list(client.encode_stream([["fine", " "]]))
+
+
+def test_encode_users_and_items_similar_items_and_fold_in(client: Client, fitted: list[FitProgress]) -> None:
+    version = fitted[-1].model.version if fitted[-1].model else ""
+    items = [f"i{n}" for n in range(10)]
+    item_vectors = client.encode_items(items, model=MODEL)
+    users = client.encode_users(["u0", "u1"], model=MODEL, normalize=False)
+    assert item_vectors.vectors.shape == (10, 4) and users.vectors.shape == (2, 4)
+    assert item_vectors.model.version == users.model.version == version
+    # SimilarItems ranks by the cosine of the item vectors that Encode returns
+    cosine = item_vectors.vectors @ item_vectors.vectors[3]
+    expected = [items[n] for n in np.argsort(-cosine) if items[n] != "i3"][:4]
+    similar = client.similar_items("i3", k=4, model=MODEL)
+    assert [hit.id for hit in similar.items] == expected and similar.model.version == version
+    assert np.allclose([hit.score for hit in similar.items], np.sort(cosine)[::-1][1:5], atol=1e-4)
+    # FoldIn: a vector of the model's dimension for a new user, and items other than those rated
+    rated = {"i0": 5.0, "i1": 4.0, "i2": 1.0}
+    folded = client.fold_in(rated, k=3, model=MODEL)
+    assert folded.vector.shape == (4,) and folded.model.version == version
+    assert len(folded.items) == 3 and not {hit.id for hit in folded.items} & set(rated)
+    assert [hit.score for hit in folded.items] == sorted((hit.score for hit in folded.items), reverse=True)
+    assert np.allclose(client.fold_in(list(rated.items()), k=0, model=MODEL).vector, folded.vector)
+    with_seen = client.fold_in(rated, k=10, model=MODEL, include_seen=True)
+    assert set(rated) <= {hit.id for hit in with_seen.items}
+    with pytest.raises(NotFound, match="never-rated"):
+        client.fold_in({"never-rated": 5.0}, model=MODEL)
+    with pytest.raises(NotFound, match="nobody"):
+        client.similar_items("nobody", model=MODEL)
+
+
 def test_list_models_and_health(client: Client) -> None:
     models = {model.id: model for model in client.list_models()}
     assert models[MINILM].dimension == 384 and models[MINILM].input_kinds == ("text",)
@@ -215,6 +258,10 @@ async def test_the_async_client_makes_the_same_calls(system: System, fitted: lis
         deleted = await client.delete(["async-cat", "async-dog"], space="minilm")
         progress = [step async for step in client.fit(ratings(), model="client-async-mf")]
         recommended = await client.recommend("u1", k=2, model="client-async-mf")
+        similar = await client.similar_items("i1", k=2, model="client-async-mf")
+        folded = await client.fold_in({"i1": 5.0, "i2": 3.0}, k=2, model="client-async-mf")
+        item_vectors = await client.encode_items(["i1", "i2"], model="client-async-mf")
+        streamed = [answer async for answer in client.encode_stream([["async: a cat"], ["async: a dog"]])]
         models = await client.list_models()
         status = await client.health()
         with pytest.raises(NotFound):
@@ -226,4 +273,7 @@ async def test_the_async_client_makes_the_same_calls(system: System, fitted: lis
     assert [hit.id for hit in found.hits] == ["async-cat"] and deleted.deleted == 2
     assert progress[-1].done and progress[-1].model is not None
     assert recommended.model.version == progress[-1].model.version and len(recommended.items) == 2
+    assert len(similar.items) == 2 and "i1" not in {hit.id for hit in similar.items}
+    assert folded.vector.shape == (4,) and len(folded.items) == 2 and item_vectors.vectors.shape == (2, 4)
+    assert np.allclose(np.concatenate([answer.vectors for answer in streamed]), encoded.vectors, atol=1e-6)
     assert MINILM in {model.id for model in models} and status == "SERVING"

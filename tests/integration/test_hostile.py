@@ -86,6 +86,7 @@ def test_a_shard_that_anyone_could_call_refuses_to_start(tmp_path: Path, log_dir
     shard.start()
     assert shard.wait(60) != 0
     assert "requires no credential" in shard.log_tail() and "INDEX_AUTH_TOKENS" in shard.log_tail()
+    assert "index cannot start: " in shard.log_tail() and "Traceback" not in shard.log_tail()
 
 
 @pytest.fixture(scope="module")
