@@ -29,6 +29,7 @@ from embeddings_client.errors import (
 from embeddings_client.messages import Item
 from embeddings_client.results import (
     Deleted,
+    Dropped,
     Embeddings,
     FitProgress,
     FoldIn,
@@ -51,6 +52,7 @@ __all__ = [
     "Connection",
     "DeadlineExceeded",
     "Deleted",
+    "Dropped",
     "Embeddings",
     "EmbeddingsError",
     "FailedPrecondition",

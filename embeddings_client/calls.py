@@ -17,6 +17,7 @@ from embeddings_client import messages
 from embeddings_client.messages import ImageSource, Interaction, Item, Query, Rated
 from embeddings_client.results import (
     Deleted,
+    Dropped,
     Embeddings,
     FitProgress,
     FoldIn,
@@ -144,6 +145,10 @@ def upsert_stream(batches: Iterable[Sequence[Item]], space: str, model: str) -> 
 def delete(ids: Iterable[str], space: str) -> Unary[Deleted]:
     request = gw.DeleteRequest(space=space, ids=list(ids))
     return Unary(GATEWAY + "Delete", request, gw.DeleteResponse, Deleted.parse)
+
+
+def drop_space(space: str) -> Unary[Dropped]:
+    return Unary(GATEWAY + "DropSpace", gw.DropSpaceRequest(space=space), gw.DropSpaceResponse, Dropped.parse)
 
 
 def recommend(user_id: str, k: int, model: str, include_seen: bool) -> Unary[Recommendations]:

@@ -221,6 +221,21 @@ def delete(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def drop_space(client: Client, args: argparse.Namespace, out: Output) -> int:
+    if not args.yes:
+        raise ValueError(f"drop-space removes space {args.space!r} and every item in it: add --yes to do it")
+    result = client.drop_space(args.space)
+    document = {"dropped": result.dropped, "missing_shards": result.missing_shards}
+    missing = (
+        f"; shards that did not answer: {', '.join(result.missing_shards)}" if result.missing_shards else ""
+    )
+    out.emit(
+        document,
+        lambda console: console.print(Text(f"dropped {args.space}: {result.dropped} items{missing}")),
+    )
+    return EXIT_OK
+
+
 def _key_value(pair: str) -> tuple[str, str]:
     key, separator, value = pair.partition("=")
     if not separator or not key:
@@ -511,6 +526,10 @@ def parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("ids", nargs="+", metavar="ID")
     sub.add_argument("--space", required=True, help="the space the items are in")
+
+    sub = command("drop-space", drop_space, "Remove a space and every item in it, on every shard.")
+    sub.add_argument("space", metavar="SPACE")
+    sub.add_argument("--yes", action="store_true", help="yes, drop it (nothing is dropped without it)")
 
     sub = command("fit", fit, "Train a user-item model from a CSV of user_id,item_id,rating[,timestamp].")
     sub.add_argument("file", type=Path, metavar="FILE")

@@ -184,6 +184,19 @@ class Deleted:
 
 
 @dataclass(frozen=True)
+class Dropped:
+    """A dropped space: the items removed, and the shards that did not answer (the space is gone for every
+    call all the same; they remove their copy when the space is next written to)."""
+
+    dropped: int
+    missing_shards: list[str]
+
+    @classmethod
+    def parse(cls, response: gw.DropSpaceResponse) -> "Dropped":
+        return cls(response.dropped, list(response.missing_shards))
+
+
+@dataclass(frozen=True)
 class FitProgress:
     """One epoch of a Fit; the last one (`done`) names the new version and what it learnt from."""
 

@@ -14,6 +14,7 @@ from embeddings_client.errors import from_rpc_error
 from embeddings_client.messages import ImageSource, Interaction, Item, Query, Rated
 from embeddings_client.results import (
     Deleted,
+    Dropped,
     Embeddings,
     FitProgress,
     FoldIn,
@@ -199,6 +200,10 @@ class Client:
     def delete(self, ids: Iterable[str], *, space: str, timeout_s: float | None = None) -> Deleted:
         """Remove items from `space` by id; unknown ids are counted, not an error."""
         return self._unary(calls.delete(ids, space), timeout_s)
+
+    def drop_space(self, space: str, *, timeout_s: float | None = None) -> Dropped:
+        """Remove `space` and every item in it (its name, and a new dimension, may then be used again)."""
+        return self._unary(calls.drop_space(space), timeout_s)
 
     def recommend(
         self,

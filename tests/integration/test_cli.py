@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from embeddings_client import Client, Item
 from harness.processes import free_port
 from tests.system import PHOTOS, TOKEN, SecureGateway, System, ratings, write_crops, write_photos
 
@@ -296,11 +297,25 @@ def test_usage_errors_exit_2(address: str, tmp_path: Path) -> None:
         ("encode-bulk", tmp_path / "missing.txt"),
         ("encode-bulk", bad_csv),
         ("encode-bulk", tmp_path, "--output", tmp_path / "vectors.txt"),
+        ("drop-space", "minilm"),  # without --yes: nothing is dropped
     ]
     for case in cases:
         result = embeddings(*case, address=address)
         assert result.returncode == 2, (case, result.stdout, result.stderr)
         assert result.stderr.strip(), case
+
+
+def test_drop_space_needs_yes_and_then_the_space_is_gone(address: str) -> None:
+    with Client(address) as client:  # a space of one's own vectors
+        client.upsert(
+            [Item(f"v{n}", vector=row) for n, row in enumerate(np.eye(3, dtype=np.float32))], space="cli-drop"
+        )
+    refused = embeddings("drop-space", "cli-drop", address=address)
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    dropped = ok_json(embeddings("--json", "drop-space", "cli-drop", "--yes", address=address))
+    assert dropped == {"dropped": 3, "missing_shards": []}
+    again = embeddings("drop-space", "cli-drop", "--yes", address=address)
+    assert again.returncode == 1 and "NOT_FOUND" in again.stderr
 
 
 def test_tls_client_certificate_and_token(locked_gateway: SecureGateway) -> None:

@@ -117,6 +117,14 @@ def test_upsert_search_and_delete(client: Client) -> None:
     after = client.search("a kitten", k=5, kinds=["text"], where={"suite": "client"})
     assert [hit.id for hit in after.hits] == ["client-cat"]
 
+    dropped = client.drop_space("client-own")
+    assert (dropped.dropped, dropped.missing_shards) == (4, [])
+    with pytest.raises(InvalidArgument, match="'client-own' is unknown"):
+        client.search(np.array([0.1, 0.0, 1.0, 0.0]), space="client-own", k=1)
+    with pytest.raises(NotFound):
+        client.drop_space("client-own")
+    assert client.upsert([Item("again", vector=np.ones(7, dtype=np.float32))], space="client-own") == 1
+
 
 def test_upsert_stream_acknowledges_each_batch_with_its_ids(client: Client, system: System) -> None:
     batches = [

@@ -29,6 +29,7 @@ INVOCATIONS: dict[str, Callable[[Client], Any]] = {
     "upsert": lambda c: c.upsert([Item("a", text="a cat")]),
     "upsert_stream": lambda c: c.upsert_stream([[Item("a", vector=np.ones(2))]], space="s"),
     "delete": lambda c: c.delete(["a"], space="s"),
+    "drop_space": lambda c: c.drop_space("s"),
     "recommend": lambda c: c.recommend("u1"),
     "similar_items": lambda c: c.similar_items("i1"),
     "fold_in": lambda c: c.fold_in({"i1": 5.0}),
@@ -46,6 +47,7 @@ COMMANDS = {
     "Upsert": ["index"],  # the CLI's bulk indexing makes its upserts through UpsertStream
     "UpsertStream": ["index"],
     "Delete": ["delete"],
+    "DropSpace": ["drop-space"],
     "Recommend": ["recommend"],
     "SimilarItems": ["similar-items"],
     "FoldIn": ["fold-in"],
