@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 from services.common import metrics
 from services.common.errors import InvalidArgument, ServiceError
 from services.common.handlers import rewrapped
+from services.common.limits import SHUTTING_DOWN
 
 log = logging.getLogger("rpc")
 
@@ -115,6 +116,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     def _code_of(error: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
         if isinstance(error, ServiceError):
             return error.code
+        if _ended_by_shutdown(error):
+            return grpc.StatusCode.UNAVAILABLE
         if isinstance(error, asyncio.CancelledError | GeneratorExit):  # the caller went away
             return grpc.StatusCode.CANCELLED
         if isinstance(error, grpc.aio.AbortError):
@@ -126,6 +129,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if isinstance(error, ServiceError):
             log.info("%s.%s -> %s: %s", self._service, method, error.code.name, error.message)
             await context.abort(error.code, error.message, error.status_details())
+        elif _ended_by_shutdown(error):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self._service}: {SHUTTING_DOWN}")
         elif not isinstance(error, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError):
             log.exception("%s.%s failed", self._service, method)
             await context.abort(
@@ -135,6 +140,11 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
         metrics.REQUESTS.labels(self._service, method, code.name).inc()
         metrics.LATENCY.labels(self._service, method).observe(time.perf_counter() - started)
+
+
+def _ended_by_shutdown(error: BaseException) -> bool:
+    """A cancellation by CallLimits.end_calls (the service stopping), not by the caller."""
+    return isinstance(error, asyncio.CancelledError) and error.args == (SHUTTING_DOWN,)
 
 
 def _request(request: Any, method: str, streamed: bool) -> Any:

@@ -24,6 +24,8 @@ from services.common.handlers import Behaviour, is_open_service, rewrapped
 _END = object()
 # How long a refused stream's messages are read before its status is sent (see CallLimits._admit).
 _DRAIN_S = 0.5
+# The cancellation of a call that outlived the shutdown grace: the status interceptor answers it UNAVAILABLE.
+SHUTTING_DOWN = "the service is shutting down and the call outlived its grace: retry it on another instance"
 
 
 async def _drain(requests: AsyncIterator[Any]) -> None:
@@ -57,6 +59,8 @@ class CallLimits(grpc.aio.ServerInterceptor):
         self._trust_named = trust_named_callers
         self._in_flight = 0
         self._per_caller: collections.Counter[str] = collections.Counter()
+        self._calls: set[asyncio.Task[Any]] = set()  # the tasks of the calls in flight
+        self._idle = asyncio.Event()
         self._gauge = metrics.IN_FLIGHT.labels(service)
 
     async def intercept_service(
@@ -94,29 +98,48 @@ class CallLimits(grpc.aio.ServerInterceptor):
         self._in_flight += 1
         self._per_caller[caller] += 1
         self._gauge.set(self._in_flight)
+        self._calls.add(asyncio.current_task())  # type: ignore[arg-type]  # a handler runs in a task
+        self._idle.clear()
         return caller
 
-    def _release(self, caller: str) -> None:
+    def _release(self, caller: str, task: asyncio.Task[Any] | None) -> None:
         self._in_flight -= 1
         self._per_caller[caller] -= 1
         if not self._per_caller[caller]:
             del self._per_caller[caller]
         self._gauge.set(self._in_flight)
+        self._calls.discard(task)  # type: ignore[arg-type]
+        if not self._in_flight:
+            self._idle.set()
+
+    async def end_calls(self, grace_s: float) -> None:
+        """On shutdown (new calls already refused): give the calls in flight `grace_s` to finish, then end
+        the rest with UNAVAILABLE (the status interceptor answers a cancellation with SHUTTING_DOWN so):
+        a caller retries elsewhere rather than losing the connection mid-call."""
+        if self._in_flight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace_s)
+        for task in list(self._calls):
+            task.cancel(SHUTTING_DOWN)
+        if self._calls:
+            await asyncio.wait(self._calls, timeout=grace_s + 5)
 
     def _unary(self, behaviour: Behaviour, streamed: bool) -> Behaviour:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             caller = await self._admit(context, request if streamed else None)
+            task = asyncio.current_task()
             CALLER.set(caller)  # each call runs in a task of its own, whose context ends with it
             try:
                 return await behaviour(self._paced(request, _Activity()) if streamed else request, context)
             finally:
-                self._release(caller)
+                self._release(caller, task)
 
         return handle
 
     def _streaming(self, behaviour: Behaviour, streamed: bool) -> Behaviour:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             caller = await self._admit(context, request if streamed else None)
+            task = asyncio.current_task()
             CALLER.set(caller)
             try:
                 activity = _Activity()
@@ -127,7 +150,7 @@ class CallLimits(grpc.aio.ServerInterceptor):
                     activity.answered = loop.time()
                     yield response
             finally:
-                self._release(caller)
+                self._release(caller, task)
 
         return handle
 

@@ -158,7 +158,11 @@ async def serve(
 
     log.info("%s stopping: draining in-flight calls (up to %.1fs)", name, settings.shutdown_grace_s)
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(settings.shutdown_grace_s)
+    # New calls are refused at once; the calls in flight get the grace, then end UNAVAILABLE (CallLimits),
+    # before gRPC's own deadline for them (which would cut the connection: UNAVAILABLE or CANCELLED, at random).
+    stopping = asyncio.create_task(server.stop(settings.shutdown_grace_s + 5))
+    await limits.end_calls(settings.shutdown_grace_s)
+    await stopping
     if health_server is not None:
         await health_server.stop(None)
     if shutdown is not None:
