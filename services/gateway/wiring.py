@@ -2,8 +2,8 @@
 
 `Credentials.from_settings` reads what start-up must check before anything else (TLS files, the backend
 token);
-`Gateway` then builds the backends' channels, the router, the cache, the shard set and the parts that
-serve each call, inside the event loop (gRPC's asyncio channels belong to it).
+`Gateway` then builds the backends' channels, the router, the cache, the index (the built-in shards, or
+Milvus) and the parts that serve each call, inside the event loop (gRPC's asyncio channels belong to it).
 """
 
 from dataclasses import dataclass
@@ -18,14 +18,15 @@ from services.gateway.channels import BackendChannels
 from services.gateway.choosing import ModelChooser
 from services.gateway.discovery import SrvDiscovery
 from services.gateway.encoding import CachingEncoder, Encoding
+from services.gateway.index_backend import IndexBackend
 from services.gateway.indexing import Indexer
 from services.gateway.recommending import Recommendations
 from services.gateway.routing import Router
 from services.gateway.servicer import GatewayService
 from services.gateway.settings import GatewaySettings, addresses
+from services.gateway.shard_backend import ShardBackend
 from services.gateway.sharding import ShardSet
 from services.gateway.similarity import Similarities
-from services.gateway.spaces import SpaceClaims
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,7 @@ class Credentials:
         """Raises CredentialFileError naming the setting whose file cannot be read."""
         for setting in ("redis_tls_ca", "redis_tls_cert", "redis_tls_key"):
             if path := getattr(settings, setting):
-                read_pem(
-                    path, f"GATEWAY_{setting.upper()}"
-                )  # checked now rather than at the first cache call
+                read_pem(path, f"GATEWAY_{setting.upper()}")  # checked now rather than at the first call
         return cls(
             BackendChannels.from_settings(settings),
             RedisAccess(
@@ -69,13 +68,6 @@ class Gateway:
             credentials.redis,
             cluster=settings.redis_cluster,
         )
-        if settings.index_shards_srv:  # shard addresses from a Kubernetes headless Service's SRV records
-            discovery = SrvDiscovery(
-                settings.index_shards_srv, settings.index_shard_count, settings.dns_nameserver
-            )
-            self.shards = ShardSet([], channels, discovery)
-        else:
-            self.shards = ShardSet(addresses(settings.index_shards), channels)
         self.recommendations = Recommendations(settings.useritem, self.router, channels)
         models = ModelChooser(
             self.router,
@@ -87,18 +79,12 @@ class Gateway:
             },
         )
         encoder = CachingEncoder(self.router, self.cache)
+        self.index = index_backend(settings, credentials)
         self.service = GatewayService(
             self.router,
             Encoding(models, encoder, settings.max_inputs_per_request),
             Similarities(models, encoder, settings.max_inputs_per_request),
-            Indexer(
-                self.router,
-                models,
-                encoder,
-                self.shards,
-                SpaceClaims(self.shards, settings.space_claim_ttl_s),
-                settings,
-            ),
+            Indexer(self.router, models, encoder, self.index, settings),
             self.recommendations,
             settings,
         )
@@ -108,12 +94,22 @@ class Gateway:
         return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
 
     async def start(self) -> None:
-        """Learn the workers' models (waiting for one encoder worker) and the shards' spaces."""
+        """Learn the workers' models (waiting for one encoder worker) and what the index holds."""
         await self.router.start()
-        await self.shards.start(self._settings.model_refresh_s, self._settings.shard_discovery_s)
+        await self.index.start()
 
     async def close(self) -> None:
         await self.router.close()
-        await self.shards.close()
+        await self.index.close()
         await self.recommendations.close()
         await self.cache.close()
+
+
+def index_backend(settings: GatewaySettings, credentials: Credentials) -> IndexBackend:
+    """The built-in shards, at fixed addresses or from a Kubernetes headless Service's SRV records."""
+    if settings.index_shards_srv:
+        discovery = SrvDiscovery(
+            settings.index_shards_srv, settings.index_shard_count, settings.dns_nameserver
+        )
+        return ShardBackend(ShardSet([], credentials.channels, discovery), settings)
+    return ShardBackend(ShardSet(addresses(settings.index_shards), credentials.channels), settings)
