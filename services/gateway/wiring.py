@@ -14,12 +14,13 @@ from embeddings.v1 import types_pb2 as pb
 
 from services.common.tls import read_pem
 from services.gateway.cache import RedisAccess, VectorCache
-from services.gateway.channels import BackendChannels
+from services.gateway.channels import BackendChannels, token_setting
 from services.gateway.choosing import ModelChooser
 from services.gateway.discovery import SrvDiscovery
 from services.gateway.encoding import CachingEncoder, Encoding
 from services.gateway.index_backend import IndexBackend
 from services.gateway.indexing import Indexer
+from services.gateway.milvus.backend import MilvusBackend
 from services.gateway.recommending import Recommendations
 from services.gateway.routing import Router
 from services.gateway.servicer import GatewayService
@@ -35,11 +36,16 @@ class Credentials:
 
     channels: BackendChannels
     redis: RedisAccess
+    milvus_token: str
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> "Credentials":
         """Raises CredentialFileError naming the setting whose file cannot be read."""
-        for setting in ("redis_tls_ca", "redis_tls_cert", "redis_tls_key"):
+        pem_files = ["redis_tls_ca", "redis_tls_cert", "redis_tls_key"]
+        if settings.index_backend == "milvus":
+            pem_files += ["milvus_server_pem_path", "milvus_ca_pem_path", "milvus_client_pem_path"]
+            pem_files += ["milvus_client_key_path"]
+        for setting in pem_files:
             if path := getattr(settings, setting):
                 read_pem(path, f"GATEWAY_{setting.upper()}")  # checked now rather than at the first call
         return cls(
@@ -50,6 +56,7 @@ class Credentials:
                 settings.redis_tls_cert,
                 settings.redis_tls_key,
             ),
+            token_setting(settings.milvus_token, settings.milvus_token_file, "GATEWAY_MILVUS_TOKEN_FILE"),
         )
 
 
@@ -106,7 +113,10 @@ class Gateway:
 
 
 def index_backend(settings: GatewaySettings, credentials: Credentials) -> IndexBackend:
-    """The built-in shards, at fixed addresses or from a Kubernetes headless Service's SRV records."""
+    """The index GATEWAY_INDEX_BACKEND names: the built-in shards (at fixed addresses, or from a Kubernetes
+    headless Service's SRV records), or Milvus."""
+    if settings.index_backend == "milvus":
+        return MilvusBackend(settings, credentials.milvus_token)
     if settings.index_shards_srv:
         discovery = SrvDiscovery(
             settings.index_shards_srv, settings.index_shard_count, settings.dns_nameserver
