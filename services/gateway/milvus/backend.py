@@ -228,24 +228,15 @@ class MilvusBackend:
         keys = sorted({id_token(item_id) for item_id in ids})
 
         def delete(client: MilvusClient, remaining: Any) -> int:
-            found = client.query(
-                self._collection(space),
-                filter=ids_expression(keys),
-                output_fields=["id_key"],
-                limit=len(keys),
-                consistency_level=self._consistency,
-                timeout=remaining(),
-                retry_times=0,
+            # counted, not listed: Milvus Lite fails a query whose answer is empty ("Unsupported data type")
+            present = _count(
+                client, self._collection(space), ids_expression(keys), self._consistency, remaining
             )
-            present = sorted({row["id_key"] for row in found})
             if present:
                 client.delete(
-                    self._collection(space),
-                    filter=ids_expression(present),
-                    timeout=remaining(),
-                    retry_times=0,
+                    self._collection(space), filter=ids_expression(keys), timeout=remaining(), retry_times=0
                 )
-            return len(present)
+            return present
 
         if await self._dimension(space, until) is None:
             return 0, len(keys)
@@ -261,16 +252,9 @@ class MilvusBackend:
         name = self._collection(space)
 
         def drop(client: MilvusClient, remaining: Any) -> int:
-            counted = client.query(
-                name,
-                filter="",
-                output_fields=["count(*)"],
-                consistency_level=self._consistency,
-                timeout=remaining(),
-                retry_times=0,
-            )
+            counted = _count(client, name, "", self._consistency, remaining)
             client.drop_collection(name, timeout=remaining(), retry_times=0)
-            return int(counted[0]["count(*)"])
+            return counted
 
         try:
             if await self._dimension(space, until, fresh=True) is None:
@@ -283,3 +267,16 @@ class MilvusBackend:
         finally:
             self._forget(space)
         return dropped, []
+
+
+def _count(client: MilvusClient, name: str, expression: str, consistency: str, remaining: Any) -> int:
+    """The items of collection `name` that `expression` keeps ("": all)."""
+    counted = client.query(
+        name,
+        filter=expression,
+        output_fields=["count(*)"],
+        consistency_level=consistency,
+        timeout=remaining(),
+        retry_times=0,
+    )
+    return int(counted[0]["count(*)"])
