@@ -188,8 +188,10 @@ class MilvusCalls:
                     "is safe to retry as it is)"
                 ),
             )
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, _CONNECT_FAILED) or (
-            isinstance(error, ValueError) and "closed channel" in reason
+        # Milvus answers its own refusals inside a response; a failed gRPC call means it did not answer:
+        # gone, restarting, or the connection broke in the middle of the call (UNKNOWN "Stream removed").
+        if (isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.RESOURCE_EXHAUSTED) or (
+            code == _CONNECT_FAILED or (isinstance(error, ValueError) and "closed channel" in reason)
         ):
             if client is not None:
                 self._retire(client)
@@ -205,7 +207,7 @@ class MilvusCalls:
             return Gone()
         if code in (ErrorCode.INDEX_NOT_FOUND, _NOT_LOADED):
             return NotReady()
-        if code == ErrorCode.RATE_LIMIT:
+        if code in (ErrorCode.RATE_LIMIT, grpc.StatusCode.RESOURCE_EXHAUSTED):
             return self._counted(
                 what,
                 "RESOURCE_EXHAUSTED",
@@ -234,6 +236,9 @@ def _code(error: BaseException) -> Any:
     chain = _innermost(error)
     for cause in chain:
         if isinstance(cause, grpc.RpcError) and callable(getattr(cause, "code", None)):
+            return cause.code()
+        if isinstance(cause, MilvusException) and callable(cause.code):
+            # a failed gRPC call: pymilvus keeps its `code` method (not the call) on the exception it raises
             return cause.code()
     for cause in reversed(chain):
         if isinstance(cause, MilvusException) and isinstance(cause.code, int):
