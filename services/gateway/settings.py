@@ -106,15 +106,16 @@ class GatewaySettings(ServiceSettings):
     shard_timeout_s: float = Field(
         5.0,
         description="Deadline of a call to a shard or to Milvus (or the caller's, if sooner); a search lists "
-        "shards that miss it as missing and returns the others' hits (Milvus: UNAVAILABLE, see the README).",
+        "shards that miss it as missing and returns the others' hits (Milvus answers whole or not at all: past "
+        "it, UNAVAILABLE).",
     )
     max_k: int = Field(1000, description="Largest k of a Search.")
     space_claim_ttl_s: float = Field(
         1.0,
         ge=0,
-        description="How long a space's claim (its dimension and generation, from its home shard) is remembered "
-        "for searches and deletes; writes always ask. After a DropSpace through another gateway, this one may "
-        "search the dropped generation (finding nothing) for this long.",
+        description="How long a space's claim (its dimension and generation, from its home shard; with Milvus, "
+        "its collection's dimension) is remembered for searches and deletes; writes always ask. After a DropSpace "
+        "through another gateway, this one may search the dropped generation (finding nothing) for this long.",
     )
     max_calls_per_client: int = Field(
         200,
