@@ -56,7 +56,9 @@ class Credentials:
                 settings.redis_tls_cert,
                 settings.redis_tls_key,
             ),
-            token_setting(settings.milvus_token, settings.milvus_token_file, "GATEWAY_MILVUS_TOKEN_FILE"),
+            token_setting(settings.milvus_token, settings.milvus_token_file, "GATEWAY_MILVUS_TOKEN_FILE")
+            if settings.index_backend == "milvus"
+            else "",
         )
 
 

@@ -3,6 +3,8 @@ collection names, the rows, the settings' checks, and how pymilvus's failures be
 
 import json
 import re
+import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -12,12 +14,14 @@ from embeddings.v1 import types_pb2 as pb
 from pydantic import ValidationError
 from pymilvus.exceptions import MilvusException
 
+from services.common.auth import CredentialFileError
 from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.common.vectors import to_wire
 from services.gateway.milvus import calls
 from services.gateway.milvus.filters import ids_expression, payload_tokens, search_expression, token
 from services.gateway.milvus.schema import MAX_TERMS, collection_name, rows
 from services.gateway.settings import GatewaySettings
+from services.gateway.wiring import Credentials
 
 HOSTILE = [
     '" or 1==1 or "',
@@ -184,3 +188,55 @@ def test_milvus_refusals_become_gone_not_ready_rate_limited_or_internal(
     assert isinstance(internal, calls.Refused) and internal.message.endswith(
         "refused search: invalid parameter"
     )
+
+
+def test_the_token_file_is_read_at_start_and_a_missing_one_stops_it(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("\n  gateway:s3cret  \n# not read\n")
+    settings = GatewaySettings(
+        index_backend="milvus", milvus_uri="http://milvus:19530", milvus_token_file=str(token)
+    )
+    assert Credentials.from_settings(settings).milvus_token == "gateway:s3cret"
+    missing = settings.model_copy(update={"milvus_token_file": str(tmp_path / "absent")})
+    with pytest.raises(CredentialFileError, match="GATEWAY_MILVUS_TOKEN_FILE="):
+        Credentials.from_settings(missing)
+    unreadable_pem = settings.model_copy(update={"milvus_server_pem_path": str(tmp_path / "absent.pem")})
+    with pytest.raises(CredentialFileError, match="GATEWAY_MILVUS_SERVER_PEM_PATH="):
+        Credentials.from_settings(unreadable_pem)
+
+
+async def test_the_client_gets_the_token_tls_and_database_as_milvus_defines_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[dict[str, object]] = []
+
+    class Client:
+        def __init__(self, **kwargs: object) -> None:
+            made.append(kwargs)
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(calls, "MilvusClient", Client)
+    settings = GatewaySettings(
+        index_backend="milvus",
+        milvus_uri="https://milvus.example:19530",
+        milvus_db_name="embeddings",
+        milvus_ca_pem_path="ca.pem",
+        milvus_client_pem_path="client.pem",
+        milvus_client_key_path="client.key",
+        milvus_server_name="milvus.internal",
+    )
+    milvus = calls.MilvusCalls(settings, "user:pw")
+    await milvus.connect(time.monotonic() + 5)
+    milvus.close()
+    (kwargs,) = made
+    assert kwargs["uri"] == "https://milvus.example:19530" and kwargs["token"] == "user:pw"
+    assert kwargs["db_name"] == "embeddings" and kwargs["secure"] is True
+    assert (kwargs["ca_pem_path"], kwargs["client_pem_path"], kwargs["client_key_path"]) == (
+        "ca.pem",
+        "client.pem",
+        "client.key",
+    )
+    assert kwargs["server_name"] == "milvus.internal" and "server_pem_path" not in kwargs
+    assert 0 < float(kwargs["timeout"]) <= 5  # type: ignore[arg-type]
