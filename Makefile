@@ -9,7 +9,7 @@ PROTOS := $(wildcard $(PROTO_DIR)/embeddings/v1/*.proto)
 VERSION := 0.1.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup deps redis-server protos test test-unit run bench bench-image bench-index bench-storage bench-useritem soak lint clean images deploy-smoke client-wheel
+.PHONY: setup deps redis-server protos test test-unit run bench bench-image bench-index bench-backends bench-storage bench-useritem soak lint clean images deploy-smoke client-wheel
 
 setup: deps redis-server protos ## Install everything: Python deps (pinned), redis-server, generated contracts.
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . -e clients/python
@@ -55,6 +55,9 @@ bench-image: protos ## Image throughput figures only.
 
 bench-index: protos ## Index figures only: 1M vectors over 4 shards (load, memory, latency, recall).
 	$(PY) bench/index_search.py
+
+bench-backends: protos ## The shards against Milvus Lite through the gateway: 100k and 1M vectors (load, memory, latency, recall).
+	$(PY) bench/index_backends.py
 
 bench-storage: protos ## Index storage figures only: the snapshot at shutdown with 3,000 spaces; memory and disk after 204,800 rewrites of one id.
 	$(PY) bench/index_storage.py

@@ -43,11 +43,22 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from common import CpuClock, Rounds, alternating_rounds, arguments, env_pair, memory_mib, processes
+from common import (
+    CpuClock,
+    Rounds,
+    alternating_rounds,
+    arguments,
+    env_pair,
+    exact_top_k,
+    memory_mib,
+    processes,
+    recall,
+    unit_vectors,
+    wire,
+)
 from embeddings.v1 import gateway_pb2 as gw
 from embeddings.v1 import gateway_pb2_grpc, index_pb2_grpc
 from embeddings.v1 import index_pb2 as idx
-from embeddings.v1 import types_pb2 as pb
 
 from harness.processes import Service, gateway, index_shard
 from services.gateway.settings import GatewaySettings
@@ -60,49 +71,6 @@ TARGET_RECALL = 0.95
 # hnsw builds its graph over the first 20000 items of a shard inside one upsert: about 5 s on 2 idle
 # cores, 20+ s with 4 shards switching at once, past the gateway's default 5 s deadline of a shard call.
 HNSW_SHARD_TIMEOUT_S = 120.0
-
-
-def unit_vectors(count: int, dim: int, seed: int, chunk: int = 100_000) -> np.ndarray:
-    """`count` x `dim` float32 standard normal rows scaled to unit length (built in chunks: no float64)."""
-    rng = np.random.default_rng(seed)
-    out = np.empty((count, dim), dtype=np.float32)
-    for start in range(0, count, chunk):
-        block = out[start : start + chunk]
-        rng.standard_normal(block.shape, dtype=np.float32, out=block)
-        block /= np.linalg.norm(block, axis=1, keepdims=True)
-    return out
-
-
-def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65_536) -> np.ndarray:
-    """Row numbers of the exact top-k of each query by inner product (chunks of rows bound memory)."""
-    best_rows = np.full((queries.shape[0], 0), -1, dtype=np.int64)
-    best_scores = np.full((queries.shape[0], 0), -np.inf, dtype=np.float32)
-    for start in range(0, vectors.shape[0], chunk):
-        scores = queries @ vectors[start : start + chunk].T  # queries x chunk
-        take = min(k, scores.shape[1])
-        top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
-        rows = np.concatenate([best_rows, top + start], axis=1)
-        merged = np.concatenate([best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
-        keep = np.argsort(-merged, axis=1, kind="stable")[:, :k]
-        best_rows = np.take_along_axis(rows, keep, axis=1)
-        best_scores = np.take_along_axis(merged, keep, axis=1)
-    return best_rows
-
-
-def recall(found: list[list[int]], truth: np.ndarray) -> float:
-    """Mean share of each query's exact top-k that the search returned."""
-    return float(
-        np.mean(
-            [
-                len(set(ids) & set(row.tolist())) / truth.shape[1]
-                for ids, row in zip(found, truth, strict=True)
-            ]
-        )
-    )
-
-
-def wire(row: np.ndarray) -> pb.Vector:
-    return pb.Vector(data=row.tobytes(), dim=int(row.shape[0]), dtype=pb.DTYPE_FLOAT32)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Real processes on free loopback ports: a throwaway redis-server, and any of the services."""
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -298,6 +299,47 @@ class Service(Process):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} was not SERVING within {timeout:.0f}s:\n{self.log_tail()}")
+
+
+class MilvusLite(Process):
+    """Milvus Lite's server (the milvus-lite package's C++ engine, the same one its embedded mode runs) on a
+    free loopback TCP port, keeping its data in `data_dir`: a Milvus to point a gateway at with
+    GATEWAY_MILVUS_URI=`uri`. The same `data_dir` after a restart: the same data."""
+
+    def __init__(self, data_dir: Path, log_dir: Path | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        # found without importing milvus_lite, whose __init__ needs setuptools' removed pkg_resources
+        spec = importlib.util.find_spec("milvus_lite")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("milvus-lite is not installed: run `make setup`")
+        lib = Path(spec.submodule_search_locations[0]) / "lib"
+        argv = [str(lib / "milvus"), str(data_dir / "milvus.db"), f"127.0.0.1:{self.port}", "ERROR"]
+        library_path = ":".join(filter(None, [str(lib), os.environ.get("LD_LIBRARY_PATH", "")]))
+        super().__init__("milvus", argv, {"LD_LIBRARY_PATH": library_path}, log_dir=log_dir or new_log_dir())
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until its gRPC port accepts a channel."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise RuntimeError(f"milvus exited while starting:\n{self.log_tail()}")
+            with grpc.insecure_channel(self.address) as channel:
+                try:
+                    grpc.channel_ready_future(channel).result(timeout=0.5)
+                    return
+                except grpc.FutureTimeoutError:
+                    pass
+        raise RuntimeError(f"milvus did not listen within {timeout:.0f}s:\n{self.log_tail()}")
 
 
 P = TypeVar("P", bound=Process)

@@ -40,6 +40,7 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any
 from unittest import mock
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -266,16 +267,18 @@ CLUSTER_SCOPED = {
 PLACEHOLDER_FILES = {
     "gateway-tokens.txt": b"placeholder-token\n",
     "backend-token.txt": b"placeholder-backend-token\n",
+    "milvus-token.txt": b"placeholder-user:placeholder-password\n",
 }
+MILVUS_OVERLAY = K8S / "overlays" / "milvus"
 
 
 @functools.cache
-def kustomization() -> dict[str, Any]:
-    loaded: dict[str, Any] = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+def kustomization(root: Path = K8S) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((root / "kustomization.yaml").read_text())
     return loaded
 
 
-def generated_secret(generator: dict[str, Any]) -> dict[str, Any]:
+def generated_secret(generator: dict[str, Any], root: Path = K8S) -> dict[str, Any]:
     unsupported = set(generator) - {"name", "files", "literals", "options", "type"}
     assert not unsupported, f"secretGenerator {generator['name']}: this renderer does not know {unsupported}"
     assert generator.get("options", {}).get("disableNameSuffixHash"), (
@@ -286,7 +289,7 @@ def generated_secret(generator: dict[str, Any]) -> dict[str, Any]:
     for entry in generator.get("files", []):
         key, _, path = entry.rpartition("=")
         key = key or PurePosixPath(path).name
-        file = K8S / path
+        file = root / path
         content = file.read_bytes() if file.exists() else PLACEHOLDER_FILES[path]
         data[key] = base64.b64encode(content).decode()
     for entry in generator.get("literals", []):
@@ -301,15 +304,52 @@ def generated_secret(generator: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@functools.cache
-def _render() -> tuple[dict[str, Any], ...]:
-    spec = kustomization()
-    known = {"apiVersion", "kind", "namespace", "labels", "resources", "secretGenerator"}
-    assert set(spec) <= known, f"kustomization.yaml uses {set(spec) - known}, which this renderer ignores"
+def merged(target: Any, patch: Any) -> Any:
+    """A strategic merge patch as kustomize applies the ones used here: maps merge key by key (null deletes
+    a key), lists of named maps (containers, volumes, mounts) merge by name, other lists are replaced."""
+    if isinstance(target, dict) and isinstance(patch, dict):
+        result = dict(target)
+        for key, value in patch.items():
+            if value is None:
+                result.pop(key, None)
+            else:
+                result[key] = merged(result[key], value) if key in result else value
+        return result
+    named = isinstance(patch, list) and all(isinstance(item, dict) and "name" in item for item in patch)
+    if named and isinstance(target, list):
+        by_name = {item["name"]: item for item in patch}
+        result = [
+            merged(item, by_name.pop(item["name"])) if item.get("name") in by_name else item
+            for item in target
+        ]
+        return result + list(by_name.values())
+    return patch
+
+
+def _render_at(root: Path) -> list[dict[str, Any]]:
+    spec = kustomization(root)
+    known = {"apiVersion", "kind", "namespace", "labels", "resources", "secretGenerator", "patches"}
+    assert set(spec) <= known, (
+        f"{root}/kustomization.yaml uses {set(spec) - known}, which this renderer ignores"
+    )
     objects: list[dict[str, Any]] = []
     for resource in spec["resources"]:
-        objects += [doc for doc in yaml.safe_load_all((K8S / resource).read_text()) if doc]
-    objects += [generated_secret(generator) for generator in spec.get("secretGenerator", [])]
+        path = (root / resource).resolve()
+        if path.is_dir():  # a base: rendered as its own kustomization, then patched here
+            objects += _render_at(path)
+        else:
+            objects += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    for patch in spec.get("patches", []):
+        assert set(patch) == {"path"}, f"patch {patch}: this renderer applies strategic merge files only"
+        for doc in yaml.safe_load_all((root / patch["path"]).read_text()):
+            key = (doc["kind"], doc["metadata"]["name"])
+            found = [n for n, obj in enumerate(objects) if (obj["kind"], obj["metadata"]["name"]) == key]
+            assert len(found) == 1, f"{root}: patch of {key}, which the render holds {len(found)} times"
+            if doc.get("$patch") == "delete":
+                del objects[found[0]]
+            else:
+                objects[found[0]] = merged(objects[found[0]], doc)
+    objects += [generated_secret(generator, root) for generator in spec.get("secretGenerator", [])]
     for obj in objects:
         metadata = obj.setdefault("metadata", {})
         if spec.get("namespace") and obj["kind"] not in CLUSTER_SCOPED:
@@ -319,13 +359,18 @@ def _render() -> tuple[dict[str, Any], ...]:
                 "labels with includeSelectors/includeTemplates: this renderer adds them to metadata only"
             )
             metadata["labels"] = {**metadata.get("labels", {}), **entry["pairs"]}
-    return tuple(objects)
+    return objects
 
 
-def render() -> list[dict[str, Any]]:
-    """What `kubectl kustomize deploy/k8s` prints, in the kustomization's resource order (kustomize then
-    sorts them by kind, Namespace first: nothing checked here depends on the order)."""
-    return copy.deepcopy(list(_render()))
+@functools.cache
+def _render(root: Path = K8S) -> tuple[dict[str, Any], ...]:
+    return tuple(_render_at(root))
+
+
+def render(root: Path = K8S) -> list[dict[str, Any]]:
+    """What `kubectl kustomize deploy/k8s` (or an overlay of it) prints, in the kustomization's resource order
+    (kustomize then sorts them by kind, Namespace first: nothing checked here depends on the order)."""
+    return copy.deepcopy(list(_render(root)))
 
 
 def objects_of(kind: str) -> dict[str, dict[str, Any]]:
@@ -993,6 +1038,79 @@ def test_k8s_autoscaler_and_disruption_budgets_target_existing_workloads() -> No
             assert pdb["spec"]["minAvailable"] < fewest, f"PodDisruptionBudget {name} blocks every eviction"
 
 
+# --- the Milvus overlay (deploy/k8s/overlays/milvus): the base with Milvus as the index --------------------
+
+SHARD_OBJECTS = {"StatefulSet/index", "Service/index", "ConfigMap/index-config", "PodDisruptionBudget/index"}
+
+
+@pytest.mark.parametrize("key", collected(lambda: [object_key(obj) for obj in render(MILVUS_OVERLAY)]))
+def test_every_object_of_the_milvus_overlay_is_valid_kubernetes(key: str) -> None:
+    (obj,) = [obj for obj in render(MILVUS_OVERLAY) if object_key(obj) == key]
+    try:
+        kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+    except kubernetes_validate.ValidationError as error:
+        path = ".".join(str(part) for part in error.path)
+        pytest.fail(f"{key} of the Milvus overlay is not valid Kubernetes: {path}: {error.message}")
+
+
+def test_the_milvus_overlay_is_the_base_without_the_shards_and_with_milvus_s_credential() -> None:
+    base = {object_key(obj) for obj in render()}
+    overlay = render(MILVUS_OVERLAY)
+    keys = {object_key(obj) for obj in overlay}
+    assert base - keys == SHARD_OBJECTS and keys - base == {"Secret/milvus-token"}
+    namespace = kustomization()["namespace"]
+    for obj in overlay:
+        if obj["kind"] not in CLUSTER_SCOPED:
+            assert obj["metadata"]["namespace"] == namespace, object_key(obj)
+        assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "embeddings", object_key(obj)
+    used = {
+        source["configMapRef"]["name"]
+        for obj in overlay
+        if obj["kind"] in WORKLOAD_KINDS
+        for container in obj["spec"]["template"]["spec"]["containers"]
+        for source in container.get("envFrom", [])
+        if "configMapRef" in source
+    }
+    assert used == {obj["metadata"]["name"] for obj in overlay if obj["kind"] == "ConfigMap"}
+
+
+def test_the_milvus_overlay_points_the_gateway_at_milvus_with_a_mounted_token() -> None:
+    overlay = {object_key(obj): obj for obj in render(MILVUS_OVERLAY)}
+    deployment = overlay["Deployment/gateway"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env |= overlay[f"ConfigMap/{source['configMapRef']['name']}"]["data"]
+    env |= {entry["name"]: entry["value"] for entry in container.get("env", [])}
+    settings = gateway_settings(
+        build_settings(
+            "gateway", {**service_env("gateway", target_env("gateway")), **env}, "Milvus overlay gateway"
+        )
+    )
+    assert settings.index_backend == "milvus"
+    assert (
+        not settings.index_shards_srv
+        and not settings.index_shard_count
+        and not addresses(settings.index_shards)
+    )
+    uri = urlsplit(settings.milvus_uri)
+    labels = (uri.hostname or "").split(".")
+    assert uri.port == 19530 and labels[2:] == ["svc", "cluster", "local"], settings.milvus_uri
+    assert labels[1] != kustomization()["namespace"], (
+        "Milvus runs in its own namespace, installed by its operator"
+    )
+    mount = mount_of(container, settings.milvus_token_file)
+    assert mount is not None and "subPath" not in mount, (
+        f"GATEWAY_MILVUS_TOKEN_FILE {settings.milvus_token_file}"
+    )
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "milvus-token"
+    relative = str(PurePosixPath(settings.milvus_token_file).relative_to(mount["mountPath"]))
+    assert relative in overlay["Secret/milvus-token"]["data"]
+    mounts = {m["name"] for m in container["volumeMounts"]}
+    assert {"auth", "backend-token", "tmp", "milvus-token"} <= mounts, "the base's mounts are kept"
+
+
 def test_k8s_redis_persists_its_cache() -> None:
     (redis,) = [
         w
@@ -1201,30 +1319,50 @@ def test_compose_environment_is_settings_of_the_service(name: str) -> None:
         ), f"{ours.where}: read_only but /tmp is not writable"
 
 
-def test_compose_gateway_addresses_name_services_on_their_ports() -> None:
+def compose_index_hosts(settings: GatewaySettings) -> list[tuple[str, int]]:
+    """(compose service, port) of a gateway's index: its shards, or its Milvus."""
+    if settings.index_backend == "milvus":
+        parts = urlsplit(settings.milvus_uri)
+        assert parts.hostname and parts.port, (
+            f"GATEWAY_MILVUS_URI {settings.milvus_uri!r} is not http://host:port"
+        )
+        return [(parts.hostname, parts.port)]
+    return [host_port(address) for address in addresses(settings.index_shards)]
+
+
+@pytest.mark.parametrize("name", collected(lambda: [gateway.name for gateway in compose_services("gateway")]))
+def test_compose_gateway_addresses_name_services_on_their_ports(name: str) -> None:
     services = compose()["services"]
     ours = {s.name: s for s in compose_services()}
-    (gateway,) = compose_services("gateway")
+    gateway = compose_service(name)
     settings = gateway_settings(gateway.settings)
     wired = [*addresses(settings.workers), settings.useritem]
     for address in wired:
         host, port = host_port(address)
-        assert host in ours, f"gateway -> {address}: no compose service {host!r} of ours"
+        assert host in ours, f"{name} -> {address}: no compose service {host!r} of ours"
         assert port == ours[host].settings.port, (
-            f"gateway -> {address}, but {host} listens on {ours[host].settings.port}"
+            f"{name} -> {address}, but {host} listens on {ours[host].settings.port}"
         )
     assert {ours[host_port(a)[0]].service for a in addresses(settings.workers)} == {"text", "image"}
     assert ours[host_port(settings.useritem)[0]].service == "useritem"
-    shards = {s.name: s for s in compose_services("index")}
-    listed = [host_port(address) for address in addresses(settings.index_shards)]
-    assert sorted(host for host, _ in listed) == sorted(shards), (
-        f"GATEWAY_INDEX_SHARDS {listed} but the shards are {sorted(shards)}"
-    )
-    for host, port in listed:
-        assert port == shards[host].settings.port, (
-            f"GATEWAY_INDEX_SHARDS: {host}:{port}, but {host} listens on {shards[host].settings.port}"
-        )
     assert not settings.index_shards_srv
+    if settings.index_backend == "shards":
+        shards = {s.name: s for s in compose_services("index")}
+        listed = compose_index_hosts(settings)
+        assert sorted(host for host, _ in listed) == sorted(shards), (
+            f"GATEWAY_INDEX_SHARDS {listed} but the shards are {sorted(shards)}"
+        )
+        for host, port in listed:
+            assert port == shards[host].settings.port, (
+                f"GATEWAY_INDEX_SHARDS: {host}:{port}, but {host} listens on {shards[host].settings.port}"
+            )
+    else:  # Milvus, as its own compose file runs it: gRPC on 19530, in the gateway's profile
+        ((host, port),) = compose_index_hosts(settings)
+        milvus = services.get(host)
+        assert milvus is not None, f"{name}: GATEWAY_MILVUS_URI names {host!r}, no compose service"
+        assert milvus["image"].startswith("milvusdb/milvus:") and port == 19530, (host, port)
+        assert "19530" in [str(p) for p in milvus.get("expose", [])], f"{host} does not expose 19530"
+        assert gateway.spec.get("profiles") == milvus.get("profiles"), f"{name} and {host} start apart"
     match = re.fullmatch(r"redis://([^:/]+):(\d+)(?:/\d+)?", settings.redis_url)
     assert match, settings.redis_url
     assert match.group(1) in services, f"GATEWAY_REDIS_URL names {match.group(1)!r}, no compose service"
@@ -1233,19 +1371,34 @@ def test_compose_gateway_addresses_name_services_on_their_ports() -> None:
     assert int(match.group(2)) == redis_port
 
 
-def test_compose_gateway_starts_after_every_backend_is_healthy() -> None:
+@pytest.mark.parametrize("name", collected(lambda: [gateway.name for gateway in compose_services("gateway")]))
+def test_compose_gateway_starts_after_every_backend_is_healthy(name: str) -> None:
     services = compose()["services"]
-    (gateway,) = compose_services("gateway")
+    gateway = compose_service(name)
+    settings = gateway_settings(gateway.settings)
+    needed = {host_port(address)[0] for address in [*addresses(settings.workers), settings.useritem]}
+    needed |= {host for host, _ in compose_index_hosts(settings)}
+    needed.add(urlsplit(settings.redis_url).hostname or "")
     depends = gateway.spec.get("depends_on", {})
-    backends = set(services) - {gateway.name}
-    assert set(depends) == backends, f"the gateway does not wait for {backends - set(depends)}"
-    for name, condition in depends.items():
+    assert set(depends) == needed, (
+        f"{name} waits for {sorted(depends)}, not for what it uses: {sorted(needed)}"
+    )
+    for backend, condition in depends.items():
         assert condition.get("condition") == "service_healthy", (
-            f"the gateway does not wait for {name} to be healthy"
+            f"{name} does not wait for {backend} to be healthy"
         )
-        spec = services[name]
+        spec = services[backend]
         has_check = "healthcheck" in spec or ("build" in spec and target_health_argv(spec["build"]["target"]))
-        assert has_check and not spec.get("healthcheck", {}).get("disable"), f"{name} has no health check"
+        assert has_check and not spec.get("healthcheck", {}).get("disable"), f"{backend} has no health check"
+
+
+def test_compose_gateways_publish_distinct_host_ports() -> None:
+    published = [
+        str(port).rsplit(":", 1)[0]
+        for gateway in compose_services("gateway")
+        for port in gateway.spec.get("ports", [])
+    ]
+    assert len(compose_services("gateway")) == 2 and len(published) == len(set(published)), published
 
 
 def test_compose_volumes_are_declared_and_hold_the_state() -> None:

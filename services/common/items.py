@@ -56,6 +56,15 @@ class ItemRules:
             raise InvalidArgument(f"nests deeper than {MAX_PAYLOAD_DEPTH} levels", field=field)
 
 
+def payload_terms(payload_json: str) -> list[tuple[str, str]]:
+    """The (key, value) pairs of a (checked) payload's top-level string values: what payload filters match,
+    on every index (the shards' postings, Milvus's terms field)."""
+    if not payload_json:
+        return []
+    payload = json.loads(payload_json)
+    return [(key, value) for key, value in payload.items() if isinstance(value, str)]
+
+
 def _no_constant(name: str) -> float:
     """NaN and Infinity are Python's extensions of JSON: refused, so payloads stay standard JSON."""
     raise ValueError(f"{name} is not a JSON value (standard JSON has no NaN or Infinity)")

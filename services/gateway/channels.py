@@ -79,20 +79,23 @@ def _identified(token: str) -> list[grpc.aio.ClientInterceptor]:
 
 
 def backend_token(settings: GatewaySettings) -> str:
-    """GATEWAY_BACKEND_TOKEN, or the first line of GATEWAY_BACKEND_TOKEN_FILE (read now: a file that cannot
-    be read stops the start)."""
-    if not settings.backend_token_file:
-        return settings.backend_token.strip()
+    """GATEWAY_BACKEND_TOKEN, or the first line of GATEWAY_BACKEND_TOKEN_FILE."""
+    return token_setting(settings.backend_token, settings.backend_token_file, "GATEWAY_BACKEND_TOKEN_FILE")
+
+
+def token_setting(token: str, path: str, setting: str) -> str:
+    """`token`, or (when `path` is set) the first line of the file at `path`, read now: a file that cannot be
+    read, or holds no token, stops the start naming `setting`."""
+    if not path:
+        return token.strip()
     try:
-        lines = open(settings.backend_token_file, encoding="utf-8").read().splitlines()
+        lines = open(path, encoding="utf-8").read().splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        raise CredentialFileError(
-            f"GATEWAY_BACKEND_TOKEN_FILE={settings.backend_token_file}: cannot read it ({error})"
-        ) from error
-    token = next((line.strip() for line in lines if line.strip()), "")
-    if not token:
-        raise CredentialFileError(f"GATEWAY_BACKEND_TOKEN_FILE={settings.backend_token_file} holds no token")
-    return token
+        raise CredentialFileError(f"{setting}={path}: cannot read it ({error})") from error
+    found = next((line.strip() for line in lines if line.strip()), "")
+    if not found:
+        raise CredentialFileError(f"{setting}={path} holds no token")
+    return found
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The gateway's index calls: encode what needs encoding (through the cache), check it, and hand it to
-the shards (sharding.py) that own it.
+the index (index_backend.py: the built-in shards, or Milvus), which keeps the spaces' rules.
 
 Spaces: a search or an input upsert must name a space some model writes into (or take the model's);
 vector upserts may also create a space of their own ("bring your own vectors"), whose dimension is
@@ -13,7 +13,7 @@ from embeddings.v1 import gateway_pb2 as gw
 from embeddings.v1 import index_pb2 as idx
 from embeddings.v1 import types_pb2 as pb
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument
 from services.common.inputs import check_batch_size, check_kinds, kind_of
 from services.common.items import ItemRules
 from services.common.model_card import ModelCard
@@ -21,10 +21,9 @@ from services.common.topk import check_k
 from services.common.vectors import l2_normalize, to_wire, unit_vector
 from services.gateway.choosing import ModelChooser
 from services.gateway.encoding import CachingEncoder
+from services.gateway.index_backend import IndexBackend, Merged, check_dimension, invalid_space
 from services.gateway.routing import Router
 from services.gateway.settings import GatewaySettings
-from services.gateway.sharding import Merged, ShardSet, invalid_space
-from services.gateway.spaces import SpaceClaims
 
 
 class Indexer:
@@ -33,15 +32,13 @@ class Indexer:
         router: Router,
         models: ModelChooser,
         encoder: CachingEncoder,
-        shards: ShardSet,
-        spaces: SpaceClaims,
+        index: IndexBackend,
         settings: GatewaySettings,
     ) -> None:
         self._router = router
         self._models = models
         self._encoder = encoder
-        self._shards = shards
-        self._spaces = spaces
+        self._index = index
         self._settings = settings
         self._items = ItemRules(settings.max_id_bytes, settings.max_payload_bytes, "GATEWAY_")
 
@@ -53,7 +50,7 @@ class Indexer:
 
     def _check_vector(self, vector: pb.Vector, space: str, field: str) -> np.ndarray:
         values = unit_vector(vector, field)
-        _check_dimension(values.shape[0], self._model_dimension(space), space, field)
+        check_dimension(values.shape[0], self._model_dimension(space), space, field)
         return values
 
     async def search(self, request: gw.SearchRequest, timeout: float) -> gw.SearchResponse:
@@ -74,18 +71,7 @@ class Indexer:
         else:
             raise InvalidArgument("the query is empty: set `input` (to encode) or `vector`")
         field = "input" if request.HasField("input") else "vector"
-
-        async def search() -> Merged | None:
-            claim = await self._spaces.lookup(space, self._shard_budget(deadline))
-            if claim is None:
-                return None
-            _check_dimension(query.shape[0], claim.dimension, space, field)
-            searched = idx.IndexSearchRequest(
-                space=space, query=to_wire(query), k=request.k, filter=request.filter, space_epoch=claim.epoch
-            )
-            return await self._shards.search(searched, self._shard_budget(deadline))
-
-        merged = await self._spaces.retrying(space, search)
+        merged = await self._index.search(space, query, request.k, request.filter, field, deadline)
         if merged is None:  # no vector was ever stored in the space
             if space not in self._model_spaces():
                 raise invalid_space(space, self._model_spaces())
@@ -98,14 +84,8 @@ class Indexer:
             query_model=model,
         )
 
-    def _shard_budget(self, deadline: float) -> float:
-        """How long a search waits for the shards: GATEWAY_SHARD_TIMEOUT_S, or less when the caller's
-        deadline is sooner, keeping a reserve so that a shard that misses it is reported as missing in
-        a partial answer rather than taking the whole call past the caller's deadline."""
-        remaining = deadline - time.monotonic()
-        return max(0.0, min(self._settings.shard_timeout_s, remaining - max(0.02, 0.1 * remaining)))
-
     async def upsert(self, request: gw.UpsertRequest, timeout: float) -> gw.UpsertResponse:
+        deadline = time.monotonic() + timeout
         check_batch_size(request.items, self._settings.max_inputs_per_request, "items")
         for position, item in enumerate(request.items):
             field = f"items[{position}]"
@@ -143,14 +123,7 @@ class Indexer:
         ]
         if first is None:  # only inputs: the model's dimension
             first = ("items[0]", items[0].vector.dim)
-        budget = min(timeout, self._settings.shard_timeout_s)
-
-        async def write() -> None:
-            claim = await self._spaces.claim(space, first[1], budget)
-            _check_dimension(first[1], claim.dimension, space, first[0])
-            await self._shards.upsert(space, items, request.request_id, budget, claim.epoch)
-
-        await self._spaces.retrying(space, write)
+        await self._index.upsert(space, items, first, request.request_id, deadline)
         return gw.UpsertResponse(upserted=len(items), request_id=request.request_id)
 
     def _resolve(self, request: gw.UpsertRequest) -> tuple[str, list[tuple[ModelCard, list[int]]]]:
@@ -192,35 +165,15 @@ class Indexer:
         check_batch_size(request.ids, self._settings.max_inputs_per_request, "ids")
         for position, item_id in enumerate(request.ids):
             self._items.check_id(item_id, f"ids[{position}]")
-        budget = min(timeout, self._settings.shard_timeout_s)
-
-        async def delete() -> tuple[int, int]:
-            claim = await self._spaces.lookup(request.space, budget)
-            if claim is None:  # nothing was ever stored in the space
-                return 0, len(set(request.ids))
-            return await self._shards.delete(request.space, list(request.ids), budget, claim.epoch)
-
-        deleted, not_found = await self._spaces.retrying(request.space, delete)
+        deleted, not_found = await self._index.delete(
+            request.space, list(request.ids), time.monotonic() + timeout
+        )
         return gw.DeleteResponse(deleted=deleted, not_found=not_found)
 
     async def drop_space(self, request: gw.DropSpaceRequest, timeout: float) -> gw.DropSpaceResponse:
-        """The space and its items, gone from every shard that answers (its claim first: then it is gone for
-        every search and write, whatever the shards that did not answer still hold)."""
+        """The space and its items, gone for every search and write at once (on the shards: its claim first,
+        then its items on every shard that answers; the others are listed)."""
         if not request.space:
             raise InvalidArgument("space is empty; name the space to drop")
-        budget = min(timeout, self._settings.shard_timeout_s)
-        if await self._spaces.lookup(request.space, budget) is None:
-            raise NotFound(
-                f"space {request.space!r} holds nothing: no vector was ever stored in it, or it was dropped"
-            )
-        dropped, missing = await self._shards.drop_space(request.space, budget)
-        self._spaces.forget(request.space)
+        dropped, missing = await self._index.drop_space(request.space, time.monotonic() + timeout)
         return gw.DropSpaceResponse(dropped=dropped, missing_shards=missing)
-
-
-def _check_dimension(dimension: int, held: int | None, space: str, field: str) -> None:
-    """Vectors of `dimension` fit a space holding `held`-dimensional ones (None: not known yet)."""
-    if held is not None and dimension != held:
-        raise InvalidArgument(
-            f"has {dimension} dimensions but space {space!r} holds {held}-dimensional vectors", field=field
-        )

@@ -1,6 +1,8 @@
 """Gateway settings, from GATEWAY_* environment variables."""
 
-from typing import ClassVar, Self
+import json
+import re
+from typing import ClassVar, Literal, Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -40,7 +42,9 @@ class GatewaySettings(ServiceSettings):
         30.0, description="Deadline of a call to a worker when the caller set none (else the caller's)."
     )
     worker_reconnect_max_s: float = Field(
-        2.0, description="Longest wait between attempts to reconnect to a worker that went away."
+        2.0,
+        description="Longest wait between attempts to reconnect to a worker (or Milvus) that went away; "
+        "meanwhile calls needing it answer UNAVAILABLE at once.",
     )
     default_text_model: str = Field("all-MiniLM-L6-v2", description="Model for text when none is named.")
     default_image_model: str = Field("efficientnet-lite0", description="Model for images when none is named.")
@@ -101,16 +105,17 @@ class GatewaySettings(ServiceSettings):
     )
     shard_timeout_s: float = Field(
         5.0,
-        description="Deadline of a call to a shard (or the caller's, if sooner); a search lists shards "
-        "that miss it as missing and returns the others' hits.",
+        description="Deadline of a call to a shard or to Milvus (or the caller's, if sooner); a search lists "
+        "shards that miss it as missing and returns the others' hits (Milvus answers whole or not at all: past "
+        "it, UNAVAILABLE).",
     )
     max_k: int = Field(1000, description="Largest k of a Search.")
     space_claim_ttl_s: float = Field(
         1.0,
         ge=0,
-        description="How long a space's claim (its dimension and generation, from its home shard) is remembered "
-        "for searches and deletes; writes always ask. After a DropSpace through another gateway, this one may "
-        "search the dropped generation (finding nothing) for this long.",
+        description="How long a space's claim (its dimension and generation, from its home shard; with Milvus, "
+        "its collection's dimension) is remembered for searches and deletes; writes always ask. After a DropSpace "
+        "through another gateway, this one may search the dropped generation (finding nothing) for this long.",
     )
     max_calls_per_client: int = Field(
         200,
@@ -141,6 +146,75 @@ class GatewaySettings(ServiceSettings):
     )
     max_payload_bytes: int = Field(16_384, description="Largest JSON payload of one item, in bytes.")
     max_id_bytes: int = Field(512, description="Longest item id, in UTF-8 bytes.")
+    index_backend: Literal["shards", "milvus"] = Field(
+        "shards",
+        description="Where Search/Upsert/Delete/DropSpace go: shards (the built-in index shards, "
+        "GATEWAY_INDEX_SHARDS) or milvus (a Milvus server or cluster, GATEWAY_MILVUS_URI; one collection per "
+        "space).",
+    )
+    milvus_uri: str = Field(
+        "",
+        description="With GATEWAY_INDEX_BACKEND=milvus: the Milvus server, http://host:19530 (https:// for TLS); "
+        "a Milvus Lite .db file is not accepted (it would be this gateway's alone).",
+    )
+    milvus_token: str = Field(
+        "",
+        description="Milvus credential as Milvus defines it: user:password, or an API key; empty: none (Milvus "
+        "without authentication).",
+    )
+    milvus_token_file: str = Field(
+        "", description="File holding GATEWAY_MILVUS_TOKEN (its first line), read at start; instead of it."
+    )
+    milvus_db_name: str = Field(
+        "", description="Milvus database of the collections; empty: Milvus's default."
+    )
+    milvus_server_pem_path: str = Field(
+        "", description="TLS to Milvus: PEM certificate of the server (or of its CA) to trust (one-way TLS)."
+    )
+    milvus_ca_pem_path: str = Field(
+        "", description="Mutual TLS to Milvus: PEM CA of the server's certificate (with the client pair)."
+    )
+    milvus_client_pem_path: str = Field(
+        "", description="Mutual TLS to Milvus: PEM certificate the gateway presents."
+    )
+    milvus_client_key_path: str = Field("", description="Mutual TLS to Milvus: PEM key of that certificate.")
+    milvus_server_name: str = Field(
+        "", description="Name Milvus's certificate is checked against, when it is not the URI's host."
+    )
+    milvus_collection_prefix: str = Field(
+        "embeddings_",
+        description="Start of the name of every collection the gateway makes (one per space): collections "
+        "without it are never touched.",
+    )
+    milvus_consistency_level: Literal["Strong", "Bounded", "Session", "Eventually"] = Field(
+        "Strong",
+        description="Milvus consistency level of searches, deletes and new collections. Strong: a search sees "
+        "every write acknowledged before it (as the shards do); Bounded: faster, may miss the last seconds.",
+    )
+    milvus_index_type: str = Field(
+        "AUTOINDEX",
+        description="Vector index of new collections (inner product): AUTOINDEX, FLAT, IVF_FLAT, HNSW, ... "
+        "(Milvus Lite: FLAT, IVF_FLAT, AUTOINDEX).",
+    )
+    milvus_index_params: str = Field(
+        "{}",
+        description='Build parameters of that index, a JSON object, e.g. {"M": 16, "efConstruction": 200}.',
+    )
+    milvus_search_params: str = Field(
+        "{}", description='Search parameters, a JSON object, e.g. {"ef": 128} (HNSW) or {"nprobe": 16} (IVF).'
+    )
+    milvus_replicas: int = Field(
+        1, ge=1, description="In-memory replicas each collection is loaded with (query nodes serving it)."
+    )
+    milvus_shards: int = Field(
+        1, ge=1, description="Shards (DML channels) of new collections: more spread the writes of one space."
+    )
+    milvus_max_calls: int = Field(
+        16,
+        ge=1,
+        description="Milvus calls in flight at once (pymilvus blocks: each holds a thread); others wait within "
+        "their deadline.",
+    )
 
     @model_validator(mode="after")
     def _client_tls_complete(self) -> Self:
@@ -176,4 +250,43 @@ class GatewaySettings(ServiceSettings):
             )
         if self.dns_nameserver:
             parse_nameserver(self.dns_nameserver)  # ValueError naming what is wrong
+        return self
+
+    @model_validator(mode="after")
+    def _milvus(self) -> Self:
+        if self.index_backend != "milvus":
+            return self
+        if not self.milvus_uri.startswith(("http://", "https://")):
+            raise ValueError(
+                f"GATEWAY_INDEX_BACKEND=milvus needs GATEWAY_MILVUS_URI=http://host:port (or https://), not "
+                f"{self.milvus_uri!r}"
+            )
+        if self.milvus_token and self.milvus_token_file:
+            raise ValueError("set GATEWAY_MILVUS_TOKEN or GATEWAY_MILVUS_TOKEN_FILE, not both")
+        mutual = (self.milvus_ca_pem_path, self.milvus_client_pem_path, self.milvus_client_key_path)
+        if any(mutual) and not all(mutual):
+            raise ValueError(
+                "GATEWAY_MILVUS_CA_PEM_PATH, GATEWAY_MILVUS_CLIENT_PEM_PATH and GATEWAY_MILVUS_CLIENT_KEY_PATH "
+                "(mutual TLS to Milvus) go together"
+            )
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", self.milvus_collection_prefix):
+            raise ValueError(
+                f"GATEWAY_MILVUS_COLLECTION_PREFIX={self.milvus_collection_prefix!r}: a collection name starts "
+                "with a letter or _, then letters, digits and _ (at most 64 here)"
+            )
+        for name in ("milvus_index_params", "milvus_search_params"):
+            try:
+                parsed = json.loads(getattr(self, name))
+            except ValueError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                raise ValueError(f"GATEWAY_{name.upper()} must be a JSON object, e.g. {{}}")
+        # Milvus's own bounds: top-k, and the VARCHAR fields holding ids and payloads.
+        if self.max_k > 16_384:
+            raise ValueError(f"GATEWAY_MAX_K={self.max_k}: Milvus searches at most 16384 hits")
+        for name in ("max_id_bytes", "max_payload_bytes"):
+            if getattr(self, name) > 65_535:
+                raise ValueError(
+                    f"GATEWAY_{name.upper()}={getattr(self, name)}: a Milvus VARCHAR holds 65535 bytes"
+                )
         return self

@@ -14,7 +14,6 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import TypeVar, cast
 
 import grpc
@@ -22,10 +21,11 @@ from embeddings.v1 import index_pb2 as idx
 from embeddings.v1 import index_pb2_grpc as idx_grpc
 from embeddings.v1 import types_pb2 as pb
 
-from services.common.errors import InvalidArgument, ServiceError, Unavailable
+from services.common.errors import ServiceError, Unavailable
 from services.gateway import metrics
 from services.gateway.channels import BackendChannels
 from services.gateway.discovery import DiscoveryError, SrvDiscovery
+from services.gateway.index_backend import Merged
 from services.gateway.relaying import relayed
 
 log = logging.getLogger("sharding")
@@ -62,12 +62,6 @@ def home_of(space: str, shards: int) -> int:
     """The shard that holds `space`'s claim (its dimension and generation): its name hashed as ids are,
     behind a prefix no item id needs to share."""
     return shard_of(f"\0space\0{space}", shards)
-
-
-@dataclass
-class Merged:
-    hits: list[pb.Hit]
-    missing: list[str]
 
 
 class Shard:
@@ -398,12 +392,3 @@ async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:
         if isinstance(result, BaseException):
             raise result
     return cast(list[T], results)
-
-
-def invalid_space(space: str, model_spaces: Iterable[str]) -> InvalidArgument:
-    """An unknown space; the message lists only the spaces models write into (what ListModels shows
-    anyway), never the spaces other callers made of their own vectors."""
-    return InvalidArgument(
-        f"space {space!r} is unknown: no model writes into it and no shard holds it; the models' spaces are "
-        f"{', '.join(sorted(model_spaces)) or 'none'} (a space of your own vectors exists once you upsert into it)"
-    )

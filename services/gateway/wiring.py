@@ -2,8 +2,8 @@
 
 `Credentials.from_settings` reads what start-up must check before anything else (TLS files, the backend
 token);
-`Gateway` then builds the backends' channels, the router, the cache, the shard set and the parts that
-serve each call, inside the event loop (gRPC's asyncio channels belong to it).
+`Gateway` then builds the backends' channels, the router, the cache, the index (the built-in shards, or
+Milvus) and the parts that serve each call, inside the event loop (gRPC's asyncio channels belong to it).
 """
 
 from dataclasses import dataclass
@@ -14,18 +14,20 @@ from embeddings.v1 import types_pb2 as pb
 
 from services.common.tls import read_pem
 from services.gateway.cache import RedisAccess, VectorCache
-from services.gateway.channels import BackendChannels
+from services.gateway.channels import BackendChannels, token_setting
 from services.gateway.choosing import ModelChooser
 from services.gateway.discovery import SrvDiscovery
 from services.gateway.encoding import CachingEncoder, Encoding
+from services.gateway.index_backend import IndexBackend
 from services.gateway.indexing import Indexer
+from services.gateway.milvus.backend import MilvusBackend
 from services.gateway.recommending import Recommendations
 from services.gateway.routing import Router
 from services.gateway.servicer import GatewayService
 from services.gateway.settings import GatewaySettings, addresses
+from services.gateway.shard_backend import ShardBackend
 from services.gateway.sharding import ShardSet
 from services.gateway.similarity import Similarities
-from services.gateway.spaces import SpaceClaims
 
 
 @dataclass(frozen=True)
@@ -34,15 +36,18 @@ class Credentials:
 
     channels: BackendChannels
     redis: RedisAccess
+    milvus_token: str
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> "Credentials":
         """Raises CredentialFileError naming the setting whose file cannot be read."""
-        for setting in ("redis_tls_ca", "redis_tls_cert", "redis_tls_key"):
+        pem_files = ["redis_tls_ca", "redis_tls_cert", "redis_tls_key"]
+        if settings.index_backend == "milvus":
+            pem_files += ["milvus_server_pem_path", "milvus_ca_pem_path", "milvus_client_pem_path"]
+            pem_files += ["milvus_client_key_path"]
+        for setting in pem_files:
             if path := getattr(settings, setting):
-                read_pem(
-                    path, f"GATEWAY_{setting.upper()}"
-                )  # checked now rather than at the first cache call
+                read_pem(path, f"GATEWAY_{setting.upper()}")  # checked now rather than at the first call
         return cls(
             BackendChannels.from_settings(settings),
             RedisAccess(
@@ -51,6 +56,9 @@ class Credentials:
                 settings.redis_tls_cert,
                 settings.redis_tls_key,
             ),
+            token_setting(settings.milvus_token, settings.milvus_token_file, "GATEWAY_MILVUS_TOKEN_FILE")
+            if settings.index_backend == "milvus"
+            else "",
         )
 
 
@@ -69,13 +77,6 @@ class Gateway:
             credentials.redis,
             cluster=settings.redis_cluster,
         )
-        if settings.index_shards_srv:  # shard addresses from a Kubernetes headless Service's SRV records
-            discovery = SrvDiscovery(
-                settings.index_shards_srv, settings.index_shard_count, settings.dns_nameserver
-            )
-            self.shards = ShardSet([], channels, discovery)
-        else:
-            self.shards = ShardSet(addresses(settings.index_shards), channels)
         self.recommendations = Recommendations(settings.useritem, self.router, channels)
         models = ModelChooser(
             self.router,
@@ -87,18 +88,12 @@ class Gateway:
             },
         )
         encoder = CachingEncoder(self.router, self.cache)
+        self.index = index_backend(settings, credentials)
         self.service = GatewayService(
             self.router,
             Encoding(models, encoder, settings.max_inputs_per_request),
             Similarities(models, encoder, settings.max_inputs_per_request),
-            Indexer(
-                self.router,
-                models,
-                encoder,
-                self.shards,
-                SpaceClaims(self.shards, settings.space_claim_ttl_s),
-                settings,
-            ),
+            Indexer(self.router, models, encoder, self.index, settings),
             self.recommendations,
             settings,
         )
@@ -108,12 +103,25 @@ class Gateway:
         return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
 
     async def start(self) -> None:
-        """Learn the workers' models (waiting for one encoder worker) and the shards' spaces."""
+        """Learn the workers' models (waiting for one encoder worker) and what the index holds."""
         await self.router.start()
-        await self.shards.start(self._settings.model_refresh_s, self._settings.shard_discovery_s)
+        await self.index.start()
 
     async def close(self) -> None:
         await self.router.close()
-        await self.shards.close()
+        await self.index.close()
         await self.recommendations.close()
         await self.cache.close()
+
+
+def index_backend(settings: GatewaySettings, credentials: Credentials) -> IndexBackend:
+    """The index GATEWAY_INDEX_BACKEND names: the built-in shards (at fixed addresses, or from a Kubernetes
+    headless Service's SRV records), or Milvus."""
+    if settings.index_backend == "milvus":
+        return MilvusBackend(settings, credentials.milvus_token)
+    if settings.index_shards_srv:
+        discovery = SrvDiscovery(
+            settings.index_shards_srv, settings.index_shard_count, settings.dns_nameserver
+        )
+        return ShardBackend(ShardSet([], credentials.channels, discovery), settings)
+    return ShardBackend(ShardSet(addresses(settings.index_shards), credentials.channels), settings)

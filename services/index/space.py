@@ -8,13 +8,13 @@ rewrites; loading a snapshot drops them too. One lock serialises mutations and s
 searches interleave.
 """
 
-import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from services.common.items import payload_terms
 from services.common.topk import exact_top_k
 from services.index.engines import Engine, EngineConfig, ExactEngine
 from services.index.records import Item, Op
@@ -29,14 +29,6 @@ class Found:
     score: float
     kind: int
     payload_json: str
-
-
-def payload_terms(payload_json: str) -> list[tuple[str, str]]:
-    """The (key, value) pairs of a payload's top-level string values: what payload filters match."""
-    if not payload_json:
-        return []
-    payload = json.loads(payload_json)
-    return [(key, value) for key, value in payload.items() if isinstance(value, str)]
 
 
 class Space:
