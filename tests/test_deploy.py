@@ -1631,7 +1631,8 @@ def allowed_distributions(core: set[str]) -> set[str]:
 def test_gateway_and_shard_run_with_the_core_requirements_only() -> None:
     core = set(requirement_pins(ROOT / "requirements-core.txt"))
     allowed = allowed_distributions(core)
-    project = {"embeddings-services", "embeddings-client"}  # the services, and the contracts the client carries
+    # the services, and the contracts the client carries
+    project = {"embeddings-services", "embeddings-client"}
     present = allowed | project | VENV_BUNDLED
     result = subprocess.run(
         [sys.executable, "-c", LIGHT_IMAGE_PROBE, json.dumps(sorted(present))],
