@@ -8,7 +8,7 @@ from services.text.settings import TextSettings
 def main() -> None:
     settings = TextSettings()
     preparing = prepare_limits(settings, settings.max_queued_chars, "TEXT_MAX_QUEUED_CHARS", "characters")
-    run_worker("text", settings, lambda: build_backends(settings), preparing)
+    run_worker("text", settings, lambda: build_backends(settings), preparing, settings.max_batch_tokens)
 
 
 if __name__ == "__main__":
