@@ -104,7 +104,7 @@ def main() -> None:
         for model in (FP32, INT8):
             c = cosines(served[model, name], expected)
             print(
-                f"{model:>22} vs sentence-transformers, {name} ({len(texts)}): cosine min {c.min():.6f} mean {c.mean():.6f}"
+                f"{model:>22} vs sentence-transformers, {name} ({len(texts)}): cosine min {c.min():.7f} mean {c.mean():.7f}"
             )
         c = cosines(served[INT8, name], served[FP32, name])
         print(f"{INT8:>22} vs {FP32}, {name}: cosine min {c.min():.4f} mean {c.mean():.4f}")
