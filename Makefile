@@ -9,7 +9,7 @@ PROTOS := $(wildcard $(PROTO_DIR)/embeddings/v1/*.proto)
 VERSION := 0.1.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup deps redis-server protos test test-unit run bench bench-image bench-index bench-backends bench-storage bench-useritem soak lint clean images deploy-smoke client-wheel
+.PHONY: setup deps redis-server protos test test-unit run bench bench-peer bench-image bench-index bench-backends bench-storage bench-useritem soak lint clean images deploy-smoke client-wheel
 
 setup: deps redis-server protos ## Install everything: Python deps (pinned), redis-server, generated contracts.
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . -e clients/python
@@ -43,12 +43,19 @@ test-unit: protos
 run: protos ## Redis, the text and image workers and the gateway on documented ports; Ctrl-C stops all.
 	$(PY) -m harness.run
 
-bench: protos ## Throughput figures with their in-process baselines (not a test).
+PEER_DIR ?= $(HOME)/.cache/peer_bench
+
+bench: protos ## Throughput figures with their in-process baselines (not a test); side by side with Infinity when its venv exists.
 	$(PY) bench/text_throughput.py
+	@if [ -x "$(PEER_DIR)/venv/bin/infinity_emb" ]; then PEER_DIR=$(PEER_DIR) $(PY) bench/side_by_side.py; \
+	else echo "side by side with Infinity skipped: no $(PEER_DIR)/venv (../shared/peer_bench/setup.sh makes it)"; fi
 	$(PY) bench/image_throughput.py
 	$(PY) bench/index_search.py
 	$(PY) bench/index_storage.py
 	$(PY) bench/useritem_eval.py
+
+bench-peer: protos ## Side by side with Infinity (../shared/peer_bench/setup.sh once first); PEER_ARGS="--rounds 5".
+	PEER_DIR=$(PEER_DIR) $(PY) bench/side_by_side.py $(PEER_ARGS)
 
 bench-image: protos ## Image throughput figures only.
 	$(PY) bench/image_throughput.py

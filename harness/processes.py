@@ -75,6 +75,7 @@ class Process:
     env: dict[str, str] = field(default_factory=dict)
     log_dir: Path = field(default_factory=new_log_dir)
     popen: subprocess.Popen[bytes] | None = None
+    cwd: Path = ROOT  # another checkout runs its own code (benchmarks comparing two versions)
 
     @property
     def log_path(self) -> Path:
@@ -83,7 +84,7 @@ class Process:
     def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.popen = subprocess.Popen(
-                self.argv, cwd=ROOT, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT
+                self.argv, cwd=self.cwd, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT
             )
 
     def wait_ready(self) -> None:

@@ -34,8 +34,14 @@ def redis_server(log_dir: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
-def text_service(log_dir: Path, tiny_clip: TinyClip) -> Iterator[Service]:
-    with running(text_worker(tiny_clip.env(), log_dir)) as worker:
+def text_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the test session's text workers keep the ONNX copy of MiniLM (exported once per session)."""
+    return tmp_path_factory.mktemp("text-cache")
+
+
+@pytest.fixture(scope="session")
+def text_service(log_dir: Path, tiny_clip: TinyClip, text_cache_dir: Path) -> Iterator[Service]:
+    with running(text_worker({**tiny_clip.env(), "TEXT_CACHE_DIR": str(text_cache_dir)}, log_dir)) as worker:
         yield worker
 
 

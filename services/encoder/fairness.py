@@ -22,6 +22,10 @@ class RoundRobin(Generic[T]):
         self._queues.setdefault(caller, collections.deque()).append(item)
         self._size += 1
 
+    def peek(self) -> T:
+        """The item `pop` would take next, left in place."""
+        return next(iter(self._queues.values()))[0]
+
     def pop(self) -> T:
         """The next caller's oldest item; that caller then waits for every other caller's turn."""
         caller, queue = next(iter(self._queues.items()))

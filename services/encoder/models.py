@@ -65,6 +65,12 @@ class BatchLimits:
     max_batch_size: int
     max_wait_s: float
     max_queue: int
+    max_batch_tokens: int = 0  # 0: batches are limited by their number of inputs only
+
+
+def padded_length(item: Prepared) -> int:
+    """What the model pads an input from: its tokens (text); 1 for inputs of one size (images)."""
+    return max(1, item.tokens)
 
 
 class BatchedModel(ServedModel):
@@ -123,6 +129,8 @@ class LoadedModels(ModelSource):
                 max_batch_size=self._limits.max_batch_size,
                 max_wait_s=self._limits.max_wait_s,
                 max_queue=self._limits.max_queue,
+                max_batch_tokens=self._limits.max_batch_tokens,
+                length=padded_length,
             )
             batcher.start()
             model = BatchedModel(backend, card, batcher, self._preparer)

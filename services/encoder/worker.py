@@ -49,10 +49,16 @@ def run_worker(
     settings: WorkerSettings,
     build_backends: Callable[[], list[EncoderBackend]],
     preparing: PrepareLimits,
+    max_batch_tokens: int = 0,
 ) -> None:
-    """Serve the backends `build_backends` makes until SIGTERM/SIGINT (models load after the port opens)."""
+    """Serve the backends `build_backends` makes until SIGTERM/SIGINT (models load after the port opens).
+
+    `max_batch_tokens`: most tokens in one model batch (text workers); 0: batches are limited by count only.
+    """
     configure_torch(settings)
-    limits = BatchLimits(settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue)
+    limits = BatchLimits(
+        settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue, max_batch_tokens
+    )
     service = EncoderService(
         LoadedModels(name, build_backends(), limits, preparing),
         settings.max_inputs_per_request,

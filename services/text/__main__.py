@@ -15,7 +15,7 @@ def main() -> None:
     except ValidationError as error:  # a settings error is one message, not a traceback
         sys.exit(f"text cannot start: {error}")
     preparing = prepare_limits(settings, settings.max_queued_chars, "TEXT_MAX_QUEUED_CHARS", "characters")
-    run_worker("text", settings, lambda: build_backends(settings), preparing)
+    run_worker("text", settings, lambda: build_backends(settings), preparing, settings.max_batch_tokens)
 
 
 if __name__ == "__main__":

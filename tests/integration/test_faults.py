@@ -317,9 +317,10 @@ WORKER_RECOVERY_S = RECONNECT_MAX_S * 1.2 + 3.0
 
 
 @pytest.fixture(scope="module")
-def lifecycle_worker(log_dir: Path) -> Iterator[Service]:
+def lifecycle_worker(log_dir: Path, text_cache_dir: Path) -> Iterator[Service]:
     """A worker of its own (started by the first test, not here), with a small queue."""
-    worker = text_worker({"TEXT_MAX_QUEUE": "64", "TEXT_SHUTDOWN_GRACE_S": "20"}, log_dir)
+    settings = {"TEXT_MAX_QUEUE": "64", "TEXT_SHUTDOWN_GRACE_S": "20", "TEXT_CACHE_DIR": str(text_cache_dir)}
+    worker = text_worker(settings, log_dir)
     yield worker
     worker.kill()
 

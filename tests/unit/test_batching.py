@@ -1,6 +1,9 @@
-"""MicroBatcher: gathering, splitting, back-pressure, cancellation, deadlines and failures."""
+"""MicroBatcher: gathering, splitting, token budgets, groups by length, back-pressure, cancellation,
+deadlines and failures."""
 
 import asyncio
+import itertools
+import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -10,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.common.errors import DeadlineExceeded, ResourceExhausted
-from services.encoder.batching import MicroBatcher
+from services.encoder.batching import MicroBatcher, by_length
 
 POISON = -1
 
@@ -60,6 +63,8 @@ async def make_batcher() -> AsyncIterator[MakeBatcher]:
         max_queue: int = 1000,
         blocked: bool = False,
         delay_s: float = 0.0,
+        max_batch_tokens: int = 0,
+        length: Callable[[int], int] = lambda _: 1,
     ) -> tuple[MicroBatcher, Model]:
         model = Model(blocked=blocked, delay_s=delay_s)
         executor = ThreadPoolExecutor(1)
@@ -70,6 +75,8 @@ async def make_batcher() -> AsyncIterator[MakeBatcher]:
             max_batch_size=max_batch_size,
             max_wait_s=max_wait_s,
             max_queue=max_queue,
+            max_batch_tokens=max_batch_tokens,
+            length=length,
         )
         batcher.start()
         created.append((batcher, model, executor))
@@ -271,3 +278,82 @@ async def test_model_returning_the_wrong_number_of_results_fails_the_batch_not_t
         await asyncio.wait_for(batcher.submit([1, 2, 3]), 0.3)
     model.wrong_count = False
     assert await asyncio.wait_for(batcher.submit([4]), 0.3) == [8]
+
+
+def own_length(item: int) -> int:
+    """Items whose value is their length in tokens."""
+    return item
+
+
+async def test_a_batch_stops_at_the_token_budget(make_batcher: MakeBatcher) -> None:
+    batcher, model = make_batcher(max_batch_size=32, max_batch_tokens=10, length=own_length)
+    assert await batcher.submit([4, 4, 4, 4, 1]) == [8, 8, 8, 8, 2]
+    assert model.batches == [[4, 4], [1, 4, 4]]  # 4 + 4 + 4 is over 10; 4 + 4 + 1 is not (run by length)
+
+
+async def test_an_input_longer_than_the_token_budget_runs_alone(make_batcher: MakeBatcher) -> None:
+    batcher, model = make_batcher(max_batch_size=32, max_batch_tokens=10, length=own_length)
+    assert await batcher.submit([30, 2, 3]) == [60, 4, 6]
+    assert model.batches == [[30], [2, 3]]
+
+
+async def test_a_batch_full_of_tokens_runs_without_waiting_for_max_wait(make_batcher: MakeBatcher) -> None:
+    batcher, model = make_batcher(max_batch_size=32, max_wait_s=10.0, max_batch_tokens=10, length=own_length)
+    start = time.monotonic()
+    assert await asyncio.wait_for(batcher.submit([6, 4]), 2.0) == [12, 8]
+    assert time.monotonic() - start < 1.0
+    assert model.batches == [[4, 6]]
+
+
+async def test_a_batch_runs_in_groups_of_similar_length_and_answers_in_order(
+    make_batcher: MakeBatcher,
+) -> None:
+    batcher, model = make_batcher(max_batch_size=32, max_wait_s=0.05, length=own_length)
+    requests = [[40, 3], [41, 2], [39], [3, 42]]
+    results = await asyncio.gather(*(batcher.submit(items) for items in requests))
+    assert results == [[x * 2 for x in items] for items in requests]
+    assert model.batches == [[2, 3, 3], [39, 40, 41, 42]]  # one batch, two model calls, little padding
+
+
+async def test_the_token_budget_still_takes_callers_in_turn(make_batcher: MakeBatcher) -> None:
+    batcher, model = make_batcher(
+        max_batch_size=32, max_batch_tokens=12, length=own_length, blocked=True, max_wait_s=0.001
+    )
+    busy = await hold_model(batcher, model)
+    heavy = asyncio.create_task(batcher.submit([5, 5, 5, 5], caller="heavy"))
+    await until(lambda: batcher.queued == 4)
+    light = asyncio.create_task(batcher.submit([2], caller="light"))
+    await until(lambda: batcher.queued == 5)
+    model.gate.set()
+    assert await light == [4]
+    assert await heavy == [10, 10, 10, 10]
+    assert await busy == [2000]
+    assert model.batches[1] == [2, 5, 5]  # the light caller's input shares the heavy caller's first batch
+
+
+def padded_cost(groups: list[list[int]], lengths: list[int], call_cost: int) -> int:
+    return sum(len(group) * max(lengths[i] for i in group) + call_cost for group in groups)
+
+
+def test_groups_by_length_cost_the_least_padding_plus_calls() -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 9))]
+        call_cost = rng.choice([0, 4, 16, 100])
+        groups = by_length(lengths, call_cost)
+        assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+        # Against every way of cutting the sorted inputs into runs:
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        best = min(
+            padded_cost(
+                [order[a:b] for a, b in itertools.pairwise((0, *cuts, len(order)))], lengths, call_cost
+            )
+            for k in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), k)
+        )
+        assert padded_cost(groups, lengths, call_cost) == best
+
+
+def test_inputs_of_one_length_stay_one_group_in_order() -> None:
+    assert by_length([7] * 5, 16) == [[0, 1, 2, 3, 4]]
+    assert by_length([1] * 3, 0) == [[0, 1, 2]]
