@@ -79,6 +79,7 @@ class Fitter:
             min_interactions=self._settings.min_interactions,
             max_interactions=self._settings.max_interactions,
             max_id_bytes=self._settings.max_id_bytes,
+            max_ids=self._settings.max_ids,
         )
 
     async def fit(self, requests: AsyncIterator[rec.FitRequest]) -> AsyncIterator[rec.FitProgress]:
@@ -124,9 +125,9 @@ class Fitter:
             path = resolve_fit_file(self._settings.fit_dir, first.path)
             if await anext(requests, None) is not None:
                 raise InvalidArgument("a Fit from a file takes one message; it had more")
-            return await loop.run_in_executor(self._thread, read_file, path, rules)
+            return await loop.run_in_executor(self._thread, read_file, path, rules, first.path)
         buffer = InteractionBuffer(rules)
-        buffer.add(first.interactions)
+        await loop.run_in_executor(self._thread, buffer.add, first.interactions)
         number = 1
         settings = (first.model, first.implicit, first.rating_min, first.rating_max)
         async for request in requests:
@@ -136,7 +137,7 @@ class Fitter:
                     f"FitRequest {number} sets path, or a model, implicit or rating scale other than the "
                     "first message's; only the first message sets them (later ones may repeat them)"
                 )
-            buffer.add(request.interactions)
+            await loop.run_in_executor(self._thread, buffer.add, request.interactions)
             number += 1
         return await loop.run_in_executor(self._thread, buffer.dataset)
 

@@ -42,7 +42,7 @@ class TrainedModel:
     user_bias: np.ndarray  # float32 [users]
     item_bias: np.ndarray  # float32 [items]
     seen_offsets: np.ndarray  # int64 [users + 1]: user u saw seen_items[seen_offsets[u]:seen_offsets[u+1]]
-    seen_items: np.ndarray  # int64
+    seen_items: np.ndarray  # int32 (int64 in versions saved before it was int32)
     metrics: Metrics = field(default_factory=Metrics)
     created: float = 0.0
     l2: float = 0.0  # the penalty it was trained with, which fold-in applies too

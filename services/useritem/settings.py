@@ -63,7 +63,18 @@ class UserItemSettings(EncoderSettings):
         "squares fit.",
     )
     min_interactions: int = Field(20, description="Fewest interactions a Fit accepts.")
-    max_interactions: int = Field(20_000_000, description="Most interactions one Fit accepts.")
+    max_interactions: int = Field(
+        20_000_000,
+        gt=0,
+        description="Most interactions one Fit accepts (memory: see the Limits table, with USERITEM_MAX_IDS).",
+    )
+    max_ids: int = Field(
+        500_000,
+        gt=0,
+        lt=2**31,
+        description="Most distinct users plus distinct items in one Fit (each costs memory while it trains: "
+        "see the Limits table).",
+    )
     max_id_bytes: int = Field(512, description="Longest user or item id, in UTF-8 bytes.")
     max_k: int = Field(1000, description="Largest k of Recommend, SimilarItems and FoldIn.")
     max_inputs_per_request: int = Field(
