@@ -4,7 +4,6 @@ save the new version, and only then make it the serving one."""
 import asyncio
 import contextlib
 import logging
-import math
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,11 +15,14 @@ from services.common.errors import InvalidArgument, ResourceExhausted, ServiceEr
 from services.useritem.catalog import Catalog, check_model_name
 from services.useritem.interactions import Dataset, FitRules, InteractionBuffer, read_file, resolve_fit_file
 from services.useritem.model import TrainedModel
+from services.useritem.scale import rating_unit, scale_problem
 from services.useritem.settings import UserItemSettings
 from services.useritem.store import ModelStore
 from services.useritem.training import EpochReport, TrainConfig, build_model, train
 
 log = logging.getLogger("useritem.fit")
+
+_SCALE = ("rating_min", "rating_max")
 
 
 @dataclass(frozen=True)
@@ -61,15 +63,25 @@ class Fitter:
     def plan(self, first: rec.FitRequest) -> FitPlan:
         name = first.model or self._catalog.default
         check_model_name(name)
-        scale = (first.rating_min, first.rating_max)
-        if scale == (0.0, 0.0):
-            scale = (self._settings.rating_min, self._settings.rating_max)
-        if not all(math.isfinite(bound) for bound in scale) or not scale[0] < scale[1]:
+        return FitPlan(name, first.implicit, self._scale(first))
+
+    def _scale(self, first: rec.FitRequest) -> tuple[float, float]:
+        """The declared scale (both bounds set, presence on the wire), or the worker's default (neither)."""
+        declared = [first.HasField(bound) for bound in _SCALE]
+        if not any(declared):
+            return (self._settings.rating_min, self._settings.rating_max)
+        if not all(declared):
+            given, missing = _SCALE if declared[0] else _SCALE[::-1]
             raise InvalidArgument(
-                f"rating scale [{first.rating_min:g}, {first.rating_max:g}] is not valid: rating_min must be "
-                "below rating_max (both 0: the worker's default scale)"
+                f"{given} is set without {missing}: declare both bounds of the rating scale, or neither for "
+                f"the worker's default [{self._settings.rating_min:g}, {self._settings.rating_max:g}] (a "
+                "client built from an older recommender.proto does not send a bound of 0: rebuild it)"
             )
-        return FitPlan(name, first.implicit, scale)
+        scale = (first.rating_min, first.rating_max)
+        problem = scale_problem(*scale)
+        if problem is not None:
+            raise InvalidArgument(f"rating scale [{scale[0]:g}, {scale[1]:g}] is not valid: {problem}")
+        return scale
 
     def rules(self, plan: FitPlan) -> FitRules:
         return FitRules(
@@ -107,16 +119,17 @@ class Fitter:
                 raise InvalidArgument("the Fit stream had no messages: send interactions, or a path first")
             plan = self.plan(first)
             self._busy = plan.model
-            data = await self._read(first, requests, self.rules(plan))
+            data = await self._read(first, requests, plan)
             async for progress in self._train(plan, data):
                 yield progress
         finally:
             self._busy = None
 
     async def _read(
-        self, first: rec.FitRequest, requests: AsyncIterator[rec.FitRequest], rules: FitRules
+        self, first: rec.FitRequest, requests: AsyncIterator[rec.FitRequest], plan: FitPlan
     ) -> Dataset:
         loop = asyncio.get_running_loop()
+        rules = self.rules(plan)
         if first.path:
             if first.interactions:
                 raise InvalidArgument(
@@ -129,10 +142,8 @@ class Fitter:
         buffer = InteractionBuffer(rules)
         await loop.run_in_executor(self._thread, buffer.add, first.interactions)
         number = 1
-        settings = (first.model, first.implicit, first.rating_min, first.rating_max)
-        async for request in requests:
-            repeated = (request.model, request.implicit, request.rating_min, request.rating_max)
-            if request.path or (any(repeated) and repeated != settings):
+        while (request := await anext(requests, None)) is not None:
+            if _changes_plan(request, plan):
                 raise InvalidArgument(
                     f"FitRequest {number} sets path, or a model, implicit or rating scale other than the "
                     "first message's; only the first message sets them (later ones may repeat them)"
@@ -146,6 +157,7 @@ class Fitter:
         reports: asyncio.Queue[EpochReport | None] = asyncio.Queue()
         cancelled = threading.Event()
         config = train_config(self._settings, plan.implicit)
+        unit = 1.0 if plan.implicit else rating_unit(plan.scale)
         log.info(
             "fit %s: %d interactions (%d duplicates merged), %d users, %d items, %s",
             plan.model,
@@ -169,8 +181,10 @@ class Fitter:
             loop.call_soon_threadsafe(reports.put_nowait, epoch)
 
         def run() -> TrainedModel:
-            parameters, metrics = train(data, config, plan.implicit, report, cancelled)
-            model = build_model(plan.model, data, parameters, metrics, plan.implicit, plan.scale, config.l2)
+            parameters, metrics = train(data, config, plan.implicit, report, cancelled, unit)
+            model = build_model(
+                plan.model, data, parameters, metrics, plan.implicit, plan.scale, config.l2, unit
+            )
             self._store.save(model)
             return model
 
@@ -206,6 +220,20 @@ class Fitter:
             items=len(data.items),
             validation_recall_at_10=metrics.validation_recall_at_10,
         )
+
+
+def _changes_plan(request: rec.FitRequest, plan: FitPlan) -> bool:
+    """A later message sets something only the first may set, to another value than the first's."""
+    scale = [
+        request.HasField(bound) and getattr(request, bound) != value
+        for bound, value in zip(_SCALE, plan.scale, strict=True)
+    ]
+    return bool(
+        request.path
+        or (request.model and request.model != plan.model)
+        or (request.implicit and not plan.implicit)
+        or any(scale)
+    )
 
 
 def _progress(epoch: EpochReport) -> rec.FitProgress:

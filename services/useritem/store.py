@@ -63,6 +63,7 @@ class ModelStore:
                 "global_mean": model.global_mean,
                 "created": model.created,
                 "l2": model.l2,
+                "rating_unit": model.rating_unit,
                 "metrics": dataclasses.asdict(model.metrics),
                 "sha256": sums,
             }
@@ -140,6 +141,7 @@ def load(folder: Path) -> TrainedModel:
         metrics=Metrics(**meta["metrics"]),
         created=meta["created"],
         l2=meta["l2"],
+        rating_unit=meta.get("rating_unit", 1.0),
         **arrays,
     )
     if model.version != meta["version"]:

@@ -1,6 +1,7 @@
 """Trained models on disk: a save loads back identical, CURRENT follows the newest save, old versions are
 pruned, and a damaged or half-written version never replaces an intact one."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -232,3 +233,16 @@ def test_a_current_naming_a_missing_version_serves_the_newest_intact_one(tmp_pat
     _save(store, second, 1000)  # older on disk, though saved last
     (tmp_path / "mf" / "CURRENT").write_text("0123456789abcdef")
     assert store.load_all()["mf"].version == first.version
+
+
+def test_a_version_saved_before_rating_units_loads_with_its_version(tmp_path: Path) -> None:
+    """Versions written before meta.json had a rating unit (and with int64 seen items) keep their hash."""
+    store = ModelStore(str(tmp_path), keep_versions=3)
+    model = _model(1)
+    legacy = dataclasses.replace(model, seen_items=model.seen_items.astype(np.int64))
+    folder = store.save(legacy)
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["rating_unit"]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    loaded = store.load_all()["mf"]
+    assert loaded.version == legacy.version and loaded.rating_unit == 1.0
