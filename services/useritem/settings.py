@@ -84,6 +84,12 @@ class UserItemSettings(EncoderSettings):
         description="Most distinct users plus distinct items in one Fit (each costs memory while it trains: "
         "see the Limits table).",
     )
+    fit_idle_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A Fit whose caller sends no message for this long while the Fit reads its stream ends "
+        "with ABORTED and changes nothing, so a stalled caller cannot hold the worker's one Fit slot.",
+    )
     max_id_bytes: int = Field(512, description="Longest user or item id, in UTF-8 bytes.")
     max_k: int = Field(1000, description="Largest k of Recommend, SimilarItems and FoldIn.")
     max_inputs_per_request: int = Field(

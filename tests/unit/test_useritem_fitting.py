@@ -1,10 +1,18 @@
-"""A Fit's rating scale and its training's numbers: a declared scale is checked (both bounds or none,
-finite, min < max, within float32's reach), any usable scale trains like 0.5-5, and training that produces
-non-finite numbers fails the Fit and changes nothing on disk or in memory, also for a worker restarted on
-the same directory. The worker's parts are called in-process."""
+"""A Fit changes the serving model only by promotion, after training and writing its version: a Fit whose
+caller leaves, or that fails, at any step before promotion (reading, training, writing, a disk that fails)
+changes nothing on disk or in memory, also for a worker restarted on the same directory; a caller who
+leaves once promotion has started finds it completed; a stalled caller frees the Fit slot; training that
+produces non-finite numbers fails; declared rating scales are checked, and any scale trains like 0.5-5.
 
+The worker's parts are called in-process; steps are held (a threading.Event in a patched store method) to
+land a cancellation exactly where it is tested, instead of racing a timer."""
+
+import asyncio
 import dataclasses
-from collections.abc import Iterator
+import errno
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +21,15 @@ import numpy as np
 import pytest
 from embeddings.v1 import recommender_pb2 as rec
 
-from services.common.errors import InvalidArgument, ServiceError
+from services.common.errors import Aborted, InvalidArgument, ServiceError
+from services.useritem import store as store_module
 from services.useritem import training as training_module
 from services.useritem.settings import UserItemSettings
 from services.useritem.store import ModelStore
-from tests.unit.test_useritem_service import _CONTEXT, Worker, _fit, _messages, _worker
+from tests.unit.test_useritem_service import _CONTEXT, Worker, _fit, _messages, _stream, _worker
 from tests.unit.useritem_data import Planted, one_torch_thread, planted
+
+WAIT_S = 30.0  # generous: a step that is released, or a Fit that is freed, is over in well under a second
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,7 +72,172 @@ def _restarted(worker: Worker) -> dict[str, str]:
     return {name: model.version for name, model in ModelStore(str(worker.models), 3).load_all().items()}
 
 
-# Training that diverges --------------------------------------------------------------------------------
+def _hidden(worker: Worker) -> list[str]:
+    return [path.name for path in (worker.models / "mf").iterdir() if path.name.startswith(".")]
+
+
+class _Held:
+    """Holds a store method on the fit thread until released: `before` (not yet run) or after it ran."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, method: str, before: bool) -> None:
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        real = getattr(ModelStore, method)
+
+        def held(store: ModelStore, *args: Any) -> Any:
+            if before:
+                self._hold()
+            result = real(store, *args)
+            if not before:
+                self._hold()
+            return result
+
+        monkeypatch.setattr(ModelStore, method, held)
+
+    def _hold(self) -> None:
+        self.reached.set()
+        assert self.release.wait(WAIT_S), "the test never released the held step"
+
+    async def wait_reached(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, self.reached.wait, WAIT_S), "the Fit never got there"
+
+
+def _consume(worker: Worker, messages: list[rec.FitRequest]) -> "asyncio.Task[list[rec.FitProgress]]":
+    async def consume() -> list[rec.FitProgress]:
+        return [progress async for progress in worker.service.Fit(_stream(messages), _CONTEXT)]
+
+    return asyncio.create_task(consume())
+
+
+# Cancelled ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "before"),
+    [("stage", True), ("stage", False)],
+    ids=["after the last epoch, before the write", "after the write, before promotion"],
+)
+async def test_a_fit_whose_caller_leaves_before_promotion_changes_nothing(
+    served: Worker, monkeypatch: pytest.MonkeyPatch, method: str, before: bool
+) -> None:
+    await _serve_first(served)
+    before_state = _state(served)
+    held = _Held(monkeypatch, method, before)
+    task = _consume(served, _messages(planted(seed=8)))
+    await held.wait_reached()
+    task.cancel()
+    held.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # the discard runs on the fit thread after the held step: wait for the thread to be idle
+    loop = asyncio.get_running_loop()
+    await asyncio.wait_for(loop.run_in_executor(served.fitter._thread, lambda: None), WAIT_S)
+    assert _state(served) == before_state
+    assert _restarted(served) == before_state["serving"]
+    # and the slot is free: the next Fit of the same data serves
+    done = (await _fit(served, _messages(planted(seed=8))))[-1]
+    assert served.catalog.get("mf").version == done.model.version == served.current()
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["before the commit", "after the commit"])
+async def test_a_caller_who_leaves_during_promotion_finds_it_completed(
+    served: Worker, monkeypatch: pytest.MonkeyPatch, before: bool
+) -> None:
+    old = await _serve_first(served)
+    held = _Held(monkeypatch, "promote", before)
+    task = _consume(served, _messages(planted(seed=8)))
+    await held.wait_reached()
+    task.cancel()
+    held.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while served.catalog.get("mf").version == old:
+        assert loop.time() < deadline, "the promotion the caller left did not complete"
+        await asyncio.sleep(0.01)
+    new = served.catalog.get("mf").version
+    assert served.current() == new and new in served.versions() and not _hidden(served)
+    assert _restarted(served) == {"mf": new}
+
+
+# Failed ------------------------------------------------------------------------------------------------
+
+
+def _failing(real: Callable[..., Any], fails: Callable[..., bool], error: OSError) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        if fails(*args):
+            raise error
+        return real(*args)
+
+    return call
+
+
+def _nth(n: int) -> Callable[..., bool]:
+    calls = iter(range(1, 10_000))
+    return lambda *args: next(calls) == n
+
+
+_REAL_REPLACE = os.replace
+_ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/secret/data/dir/mf/.tmp-x/user_vectors.npy")
+_EIO = OSError(errno.EIO, os.strerror(errno.EIO), "/secret/data/dir/mf/CURRENT.tmp")
+
+# (case, the function of store.py to break, which call fails, the error): a write fails before the
+# commit point (CURRENT replaced), so the Fit fails and nothing changes
+_BEFORE_COMMIT: list[tuple[str, str, Callable[..., bool], OSError]] = [
+    ("the first array", "write_synced", _nth(1), _ENOSPC),
+    ("ids.json", "write_synced", _nth(7), _ENOSPC),
+    ("meta.json", "write_synced", _nth(8), _EIO),
+    ("CURRENT.tmp", "write_synced", _nth(9), _ENOSPC),
+    ("the version folder's fsync", "fsync_dir", _nth(1), _EIO),
+    ("the staged folder's rename", "replace", lambda src, dst: Path(dst).name.startswith(".staged-"), _EIO),
+    ("CURRENT's rename", "replace", lambda src, dst: Path(dst).name == "CURRENT", _EIO),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "name", "fails", "error"), _BEFORE_COMMIT, ids=[c[0] for c in _BEFORE_COMMIT]
+)
+async def test_a_disk_that_fails_before_the_commit_fails_the_fit_and_changes_nothing(
+    served: Worker, monkeypatch: pytest.MonkeyPatch, case: str, name: str, fails: Any, error: OSError
+) -> None:
+    await _serve_first(served)
+    before_state = _state(served)
+    if name == "replace":
+        monkeypatch.setattr(store_module.os, "replace", _failing(_REAL_REPLACE, fails, error))
+    else:
+        monkeypatch.setattr(store_module, name, _failing(getattr(store_module, name), fails, error))
+    with pytest.raises(ServiceError) as failed:
+        await _fit(served, _messages(planted(seed=8)))
+    expected = grpc.StatusCode.RESOURCE_EXHAUSTED if error.errno == errno.ENOSPC else grpc.StatusCode.INTERNAL
+    assert failed.value.code == expected
+    assert error.strerror in failed.value.message and "USERITEM_DATA_DIR" in failed.value.message
+    assert "/secret" not in failed.value.message and str(served.root) not in failed.value.message
+    assert _state(served) == before_state
+    assert _restarted(served) == before_state["serving"]
+    monkeypatch.undo()
+    done = (await _fit(served, _messages(planted(seed=8))))[-1]  # the disk is back: the same Fit works
+    assert served.catalog.get("mf").version == done.model.version == served.current()
+
+
+@pytest.mark.parametrize("step", ["fsync after CURRENT", "the staged folder's final rename"])
+async def test_a_disk_that_fails_after_the_commit_completes_the_promotion(
+    served: Worker, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    await _serve_first(served)
+    if step == "fsync after CURRENT":
+        monkeypatch.setattr(store_module, "fsync_dir", _failing(store_module.fsync_dir, _nth(3), _EIO))
+    else:
+        final = lambda src, dst: Path(src).name.startswith(".staged-") and not Path(dst).name.startswith(".")  # noqa: E731
+        monkeypatch.setattr(store_module.os, "replace", _failing(_REAL_REPLACE, final, _EIO))
+    done = (await _fit(served, _messages(planted(seed=8))))[-1]
+    new = done.model.version
+    assert served.catalog.get("mf").version == new == served.current()
+    monkeypatch.undo()
+    # a start finishes what the failure left (the rename), and serves what CURRENT names
+    assert _restarted(served) == {"mf": new}
+    assert new in served.versions() and not _hidden(served)
 
 
 async def test_training_that_produces_non_finite_numbers_fails_and_changes_nothing(
@@ -92,6 +268,73 @@ async def test_training_that_produces_non_finite_numbers_fails_and_changes_nothi
         await _fit(served, _messages(planted(seed=8)))
     assert _state(served) == before_state
     assert _restarted(served) == before_state["serving"]
+
+
+# Stalled -----------------------------------------------------------------------------------------------
+
+
+def _stalled(messages: list[rec.FitRequest]) -> tuple[AsyncIterator[rec.FitRequest], asyncio.Event]:
+    """A stream that sends `messages`, then neither sends nor ends until the event is set."""
+    sent_all = asyncio.Event()
+
+    async def stream() -> AsyncIterator[rec.FitRequest]:
+        for message in messages:
+            yield message
+        sent_all.set()
+        await asyncio.Event().wait()
+
+    return stream(), sent_all
+
+
+@pytest.mark.parametrize("sent", ["nothing", "one message", "a file's path"])
+async def test_a_stalled_fit_is_aborted_after_the_idle_timeout_and_frees_the_slot(
+    served: Worker, monkeypatch: pytest.MonkeyPatch, sent: str
+) -> None:
+    await _serve_first(served)
+    before_state = _state(served)
+    idle = 0.5
+    monkeypatch.setattr(served.fitter._settings, "fit_idle_timeout_s", idle)
+    (served.root / "fit" / "some.csv").write_text("user_id,item_id,rating\nu1,i1,3\n")
+    first = {
+        "nothing": [],
+        "one message": _messages(planted(seed=8), model="stalled-model")[:1],
+        "a file's path": [rec.FitRequest(path="some.csv", model="stalled-model")],
+    }[sent]
+    stream, _ = _stalled(first)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(Aborted) as aborted:
+        await asyncio.wait_for(_collect(served, stream), WAIT_S)
+    assert loop.time() - started >= idle  # not before the timeout
+    assert aborted.value.code == grpc.StatusCode.ABORTED
+    assert (
+        "USERITEM_FIT_IDLE_TIMEOUT_S" in aborted.value.message and "changed nothing" in aborted.value.message
+    )
+    assert _state(served) == before_state
+    done = (await _fit(served, _messages(planted(seed=8))))[-1]  # the slot is free
+    assert done.done and served.catalog.get("mf").version == done.model.version
+
+
+async def test_a_second_fit_while_one_stalls_is_refused_without_naming_its_model(
+    served: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(served.fitter._settings, "fit_idle_timeout_s", 60.0)
+    stream, sent_all = _stalled(_messages(planted(seed=8), model="alices-secret-model")[:2])
+    stalled = asyncio.create_task(_collect(served, stream))
+    await asyncio.wait_for(sent_all.wait(), WAIT_S)
+    with pytest.raises(ServiceError) as refused:
+        await _fit(served, _messages(planted(seed=9), model="bob"))
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "alices" not in refused.value.message and "secret" not in refused.value.message
+    assert "a Fit is running" in refused.value.message
+    stalled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stalled
+    assert served.versions("alices-secret-model") == set()
+
+
+async def _collect(worker: Worker, stream: AsyncIterator[rec.FitRequest]) -> list[rec.FitProgress]:
+    return [progress async for progress in worker.service.Fit(stream, _CONTEXT)]
 
 
 # Rating scales -----------------------------------------------------------------------------------------
