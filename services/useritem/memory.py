@@ -3,13 +3,15 @@ USERITEM_MAX_IDS and the container's memory limit can be checked against each ot
 tests/test_deploy.py against the Kubernetes manifest).
 
 The figures are peaks of resident memory measured on whole Fits (intake, numbering, training, writing,
-promotion; build/ scripts of the commit that introduced this file, 2 epochs, 32 factors), with margin:
+promotion: bench/useritem_memory.py, 32 factors), with margin:
 
 - the process with torch loaded and warmed up by a Fit: 757-763 MiB;
 - per interaction: 74-81 bytes (1 to 7.3 M interactions), 85 with timestamps;
 - per distinct id: 1.70 KB with 8-byte ids, 2.32 KB with 512-byte ones (400,000 ids), most of it the
   four float32 copies Adam keeps of each parameter vector (value, gradient, two moments) and the best
-  epoch's snapshot;
+  epoch's snapshot; small runs measure more per id (2.2 and 3.2 KB at 100,000 ids: fixed overheads);
+- a Fit at the default limits (20 M interactions, 500,000 ids of 512 bytes): 2.17 GiB over the warm
+  process, against 2.82 GiB for the Fit part of this budget;
 - one FitRequest of USERITEM_MAX_MESSAGE_BYTES: up to 4.4 times its size once parsed, besides the bytes;
 - the version being replaced serves until the new one is promoted, so it counts too.
 """
