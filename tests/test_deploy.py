@@ -53,6 +53,8 @@ from services.common.settings import ServiceSettings
 from services.gateway.settings import GatewaySettings
 from services.healthcheck import SETTINGS, probe_port
 from services.index.settings import ShardSettings
+from services.useritem.memory import fit_peak_bytes
+from services.useritem.settings import UserItemSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -1246,6 +1248,21 @@ def test_k8s_images_are_tagged_with_the_project_version() -> None:
         assert match and match.group("tag") == version.group(1), (
             f"{key}: image {container['image']}, but the project's version is {version.group(1)}"
         )
+
+
+@pytest.mark.parametrize("key", collected(lambda: [c.key for c in k8s_containers("useritem")]))
+def test_k8s_useritem_memory_limit_holds_its_largest_fit(key: str) -> None:
+    """USERITEM_MAX_INTERACTIONS and USERITEM_MAX_IDS (as the manifest sets them, else their defaults)
+    bound a Fit's memory (services/useritem/memory.py, from measured peaks): the pod's limit must hold it,
+    or the largest Fit the worker accepts would be OOM-killed."""
+    ours = k8s_container(key)
+    assert isinstance(ours.settings, UserItemSettings)
+    limit = quantity(ours.container["resources"]["limits"]["memory"])
+    need = fit_peak_bytes(ours.settings)
+    assert need <= 0.9 * limit, (
+        f"{ours.where}: a Fit of {ours.settings.max_interactions} interactions and {ours.settings.max_ids} ids "
+        f"may need {need / 2**30:.2f} GiB, more than 90% of the memory limit ({limit / 2**30:.2f} GiB)"
+    )
 
 
 # ======================================================================================================

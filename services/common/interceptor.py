@@ -1,7 +1,8 @@
 """One server interceptor for every service: exceptions become status codes; calls are counted and timed.
 
 Handlers raise ServiceError subclasses (errors.py) with a message that says what to fix; anything else
-is a bug and answers INTERNAL without leaking a traceback to the caller. A request that is not a valid
+is a bug and answers INTERNAL naming only the exception's class: its text and traceback (which may hold
+the server's paths or other callers' data) go to the log. A request that is not a valid
 protobuf message of the method's type (corrupt or truncated bytes, invalid UTF-8 in a string field) answers
 INVALID_ARGUMENT: gRPC itself would answer UNKNOWN with a Python exception name. Health and reflection
 calls pass through untouched.
@@ -133,8 +134,10 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self._service}: {SHUTTING_DOWN}")
         elif not isinstance(error, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError):
             log.exception("%s.%s failed", self._service, method)
+            # The exception's text stays in the log: it may hold the server's paths or other callers' data.
             await context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error in {self._service}.{method}: {error!r}"
+                grpc.StatusCode.INTERNAL,
+                f"internal error in {self._service}.{method} ({type(error).__name__}); the server logged it",
             )
 
     def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:

@@ -14,11 +14,26 @@ from services.encoder.worker import configure_torch, register_encoder
 from services.useritem.catalog import Catalog
 from services.useritem.encoding import TrainedVersions
 from services.useritem.fitting import Fitter
+from services.useritem.memory import container_memory_limit, fit_peak_bytes
 from services.useritem.service import RecommenderService
 from services.useritem.settings import UserItemSettings
 from services.useritem.store import ModelStore
 
 log = logging.getLogger("useritem")
+
+
+def check_memory(settings: UserItemSettings) -> None:
+    """Warn an operator whose limits let a Fit need more memory than the container may use."""
+    limit, need = container_memory_limit(), fit_peak_bytes(settings)
+    if limit is not None and need > limit:
+        log.warning(
+            "a Fit at USERITEM_MAX_INTERACTIONS=%d and USERITEM_MAX_IDS=%d may need %.1f GiB, more than this "
+            "container's memory limit of %.1f GiB: lower them, or raise the limit (README, Limits)",
+            settings.max_interactions,
+            settings.max_ids,
+            need / 2**30,
+            limit / 2**30,
+        )
 
 
 def main() -> None:
@@ -27,6 +42,7 @@ def main() -> None:
     except ValidationError as error:  # a settings error is one message, not a traceback
         sys.exit(f"useritem cannot start: {error}")
     configure_torch(settings)
+    check_memory(settings)
     store = ModelStore(settings.data_dir, settings.keep_versions)
     catalog = Catalog(settings.default_model)
     fitter = Fitter(catalog, store, settings)

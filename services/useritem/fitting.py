@@ -1,10 +1,26 @@
 """One Fit: read the interactions (stream or file), train on the fit thread while streaming progress,
-save the new version, and only then make it the serving one."""
+write the new version, and only then promote it to the serving one.
+
+What a Fit changes, and when:
+
+- Before promotion nothing changes, on disk or in memory. A Fit that fails (bad input, training that
+  diverges, a disk that fails while writing) or whose caller goes away (cancels, or stays silent for
+  USERITEM_FIT_IDLE_TIMEOUT_S while its stream is read) discards what it wrote and frees the worker's
+  Fit slot; the version that served before it serves on, also after a restart.
+- Promotion starts once training and the write are done and the caller is still there: CURRENT on disk
+  is switched (the commit point, see store.py), then the serving version in memory. Once started it
+  completes even if the caller leaves meanwhile (it runs shielded from the call's cancellation): the
+  new version then serves although the caller may not have read the last message, which carries it.
+
+The fit thread runs everything that touches the models on disk (training and writing, promotion,
+discarding), one job after another, so the jobs of a Fit that is winding down and of the next one never
+interleave.
+"""
 
 import asyncio
 import contextlib
+import errno
 import logging
-import math
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,15 +28,18 @@ from dataclasses import dataclass
 
 from embeddings.v1 import recommender_pb2 as rec
 
-from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError
+from services.common.errors import Aborted, Internal, InvalidArgument, ResourceExhausted, ServiceError
 from services.useritem.catalog import Catalog, check_model_name
 from services.useritem.interactions import Dataset, FitRules, InteractionBuffer, read_file, resolve_fit_file
 from services.useritem.model import TrainedModel
+from services.useritem.scale import rating_unit, scale_problem
 from services.useritem.settings import UserItemSettings
 from services.useritem.store import ModelStore
 from services.useritem.training import EpochReport, TrainConfig, build_model, train
 
 log = logging.getLogger("useritem.fit")
+
+_SCALE = ("rating_min", "rating_max")
 
 
 @dataclass(frozen=True)
@@ -28,6 +47,15 @@ class FitPlan:
     model: str
     implicit: bool
     scale: tuple[float, float]
+
+
+class FitIdle(Aborted):
+    """The caller sent nothing for USERITEM_FIT_IDLE_TIMEOUT_S while its stream was being read.
+
+    ABORTED rather than DEADLINE_EXCEEDED: no deadline of the caller's passed (a relay or client would
+    read DEADLINE_EXCEEDED as its own, and the gateway rewords a backend's DEADLINE_EXCEEDED as the worker
+    not answering, the opposite of what happened); the worker gave up on a stream that stopped, and the
+    remedy is ABORTED's: start the whole Fit again."""
 
 
 def train_config(settings: UserItemSettings, implicit: bool = False) -> TrainConfig:
@@ -53,7 +81,8 @@ class Fitter:
         self._store = store
         self._settings = settings
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="fit")
-        self._busy: str | None = None
+        self._busy = False
+        self._promotions: set[asyncio.Future[None]] = set()  # running ones, so they are not collected
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
@@ -61,15 +90,25 @@ class Fitter:
     def plan(self, first: rec.FitRequest) -> FitPlan:
         name = first.model or self._catalog.default
         check_model_name(name)
-        scale = (first.rating_min, first.rating_max)
-        if scale == (0.0, 0.0):
-            scale = (self._settings.rating_min, self._settings.rating_max)
-        if not all(math.isfinite(bound) for bound in scale) or not scale[0] < scale[1]:
+        return FitPlan(name, first.implicit, self._scale(first))
+
+    def _scale(self, first: rec.FitRequest) -> tuple[float, float]:
+        """The declared scale (both bounds set, presence on the wire), or the worker's default (neither)."""
+        declared = [first.HasField(bound) for bound in _SCALE]
+        if not any(declared):
+            return (self._settings.rating_min, self._settings.rating_max)
+        if not all(declared):
+            given, missing = _SCALE if declared[0] else _SCALE[::-1]
             raise InvalidArgument(
-                f"rating scale [{first.rating_min:g}, {first.rating_max:g}] is not valid: rating_min must be "
-                "below rating_max (both 0: the worker's default scale)"
+                f"{given} is set without {missing}: declare both bounds of the rating scale, or neither for "
+                f"the worker's default [{self._settings.rating_min:g}, {self._settings.rating_max:g}] (a "
+                "client built from an older recommender.proto does not send a bound of 0: rebuild it)"
             )
-        return FitPlan(name, first.implicit, scale)
+        scale = (first.rating_min, first.rating_max)
+        problem = scale_problem(*scale)
+        if problem is not None:
+            raise InvalidArgument(f"rating scale [{scale[0]:g}, {scale[1]:g}] is not valid: {problem}")
+        return scale
 
     def rules(self, plan: FitPlan) -> FitRules:
         return FitRules(
@@ -79,64 +118,79 @@ class Fitter:
             min_interactions=self._settings.min_interactions,
             max_interactions=self._settings.max_interactions,
             max_id_bytes=self._settings.max_id_bytes,
+            max_ids=self._settings.max_ids,
         )
 
     async def fit(self, requests: AsyncIterator[rec.FitRequest]) -> AsyncIterator[rec.FitProgress]:
         try:
             async for progress in self._fit(requests):
                 yield progress
+        except FitIdle:
+            raise  # a silent caller: there is nothing to read
         except ServiceError:
             # Read the rest of the stream before answering: ending the call while an asyncio client (the
             # gateway) is still writing makes that client report INTERNAL "Internal error from Core"
-            # instead of this error (grpc/grpc#36066).
+            # instead of this error (grpc/grpc#36066). A caller that goes silent meanwhile is left.
             with contextlib.suppress(Exception):
-                async for _ in requests:
+                while await self._next(requests) is not None:
                     pass
             raise
 
-    async def _fit(self, requests: AsyncIterator[rec.FitRequest]) -> AsyncIterator[rec.FitProgress]:
-        if self._busy is not None:
-            raise ResourceExhausted(
-                f"a Fit of model {self._busy!r} is running; one Fit runs at a time: retry when it is done"
-            )
-        self._busy = "(reading)"
+    async def _next(self, requests: AsyncIterator[rec.FitRequest]) -> rec.FitRequest | None:
+        """The stream's next message (None at its end), within USERITEM_FIT_IDLE_TIMEOUT_S."""
+        idle = self._settings.fit_idle_timeout_s
         try:
-            first = await anext(requests, None)
+            async with asyncio.timeout(idle):
+                return await anext(requests, None)
+        except TimeoutError:
+            raise FitIdle(
+                f"no FitRequest arrived for {idle:g} s (USERITEM_FIT_IDLE_TIMEOUT_S), so the worker gave up "
+                "on this Fit; it changed nothing. Send the messages without pausing and end the stream, "
+                "then Fit again"
+            ) from None
+
+    async def _fit(self, requests: AsyncIterator[rec.FitRequest]) -> AsyncIterator[rec.FitProgress]:
+        if self._busy:
+            # Whose Fit it is, and of which model, is that caller's business.
+            raise ResourceExhausted(
+                "a Fit is running on this worker; one Fit runs at a time: retry when it is done"
+            )
+        self._busy = True
+        try:
+            first = await self._next(requests)
             if first is None:
                 raise InvalidArgument("the Fit stream had no messages: send interactions, or a path first")
             plan = self.plan(first)
-            self._busy = plan.model
-            data = await self._read(first, requests, self.rules(plan))
+            data = await self._read(first, requests, plan)
             async for progress in self._train(plan, data):
                 yield progress
         finally:
-            self._busy = None
+            self._busy = False
 
     async def _read(
-        self, first: rec.FitRequest, requests: AsyncIterator[rec.FitRequest], rules: FitRules
+        self, first: rec.FitRequest, requests: AsyncIterator[rec.FitRequest], plan: FitPlan
     ) -> Dataset:
         loop = asyncio.get_running_loop()
+        rules = self.rules(plan)
         if first.path:
             if first.interactions:
                 raise InvalidArgument(
                     "the first FitRequest has both a path and interactions: send one or the other"
                 )
             path = resolve_fit_file(self._settings.fit_dir, first.path)
-            if await anext(requests, None) is not None:
+            if await self._next(requests) is not None:
                 raise InvalidArgument("a Fit from a file takes one message; it had more")
-            return await loop.run_in_executor(self._thread, read_file, path, rules)
+            return await loop.run_in_executor(self._thread, read_file, path, rules, first.path)
         buffer = InteractionBuffer(rules)
-        buffer.add(first.interactions)
+        await loop.run_in_executor(self._thread, buffer.add, first.interactions)
         number = 1
-        settings = (first.model, first.implicit, first.rating_min, first.rating_max)
-        async for request in requests:
-            repeated = (request.model, request.implicit, request.rating_min, request.rating_max)
-            if request.path or (any(repeated) and repeated != settings):
+        while (request := await self._next(requests)) is not None:
+            if _changes_plan(request, plan):
                 raise InvalidArgument(
                     f"FitRequest {number} sets path, or a model, implicit or rating scale other than the "
                     "first message's; only the first message sets them (later ones may repeat them)"
                 )
-            buffer.add(request.interactions)
+            await loop.run_in_executor(self._thread, buffer.add, request.interactions)
             number += 1
         return await loop.run_in_executor(self._thread, buffer.dataset)
 
@@ -145,6 +199,7 @@ class Fitter:
         reports: asyncio.Queue[EpochReport | None] = asyncio.Queue()
         cancelled = threading.Event()
         config = train_config(self._settings, plan.implicit)
+        unit = 1.0 if plan.implicit else rating_unit(plan.scale)
         log.info(
             "fit %s: %d interactions (%d duplicates merged), %d users, %d items, %s",
             plan.model,
@@ -168,31 +223,31 @@ class Fitter:
             loop.call_soon_threadsafe(reports.put_nowait, epoch)
 
         def run() -> TrainedModel:
-            parameters, metrics = train(data, config, plan.implicit, report, cancelled)
-            model = build_model(plan.model, data, parameters, metrics, plan.implicit, plan.scale, config.l2)
-            self._store.save(model)
+            parameters, metrics = train(data, config, plan.implicit, report, cancelled, unit)
+            model = build_model(
+                plan.model, data, parameters, metrics, plan.implicit, plan.scale, config.l2, unit
+            )
+            self._store.stage(model)
             return model
 
         job = loop.run_in_executor(self._thread, run)
         job.add_done_callback(lambda _: reports.put_nowait(None))
+        promoting = False
         try:
             while (epoch := await reports.get()) is not None:
                 yield _progress(epoch)
             model = await job
+            promoting = True  # from here on it runs to its end, whether the caller stays or not
+            await self._promote(model)
+        except OSError as error:  # from writing the version, or from promotion before its commit point
+            raise _unsaved(error) from None
         finally:
             cancelled.set()
-            await asyncio.gather(job, return_exceptions=True)
-        self._catalog.put(model)
+            if not promoting:
+                await asyncio.gather(job, return_exceptions=True)
+                if not job.cancelled() and job.exception() is None:
+                    await loop.run_in_executor(self._thread, self._store.discard, job.result())
         metrics = model.metrics
-        log.info(
-            "fit %s: version %s serving (epoch %d, validation rmse %.4f, recall@10 %.4f, %.1fs)",
-            model.name,
-            model.version,
-            metrics.epochs,
-            metrics.validation_rmse,
-            metrics.validation_recall_at_10,
-            metrics.train_seconds,
-        )
         yield rec.FitProgress(
             epoch=metrics.epochs,
             epochs=config.epochs,
@@ -205,6 +260,60 @@ class Fitter:
             items=len(data.items),
             validation_recall_at_10=metrics.validation_recall_at_10,
         )
+
+    async def _promote(self, model: TrainedModel) -> None:
+        """CURRENT on disk, then the serving version in memory, shielded: a caller who leaves now does
+        not stop it half-way (it is awaited here, so its own failure still reaches the caller)."""
+        promotion = asyncio.ensure_future(self._promotion(model))
+        self._promotions.add(promotion)
+        promotion.add_done_callback(self._promoted)
+        await asyncio.shield(promotion)
+
+    def _promoted(self, promotion: "asyncio.Future[None]") -> None:
+        self._promotions.discard(promotion)
+        if not promotion.cancelled() and promotion.exception() is not None:
+            # retrieved here, so that it is logged also when the caller has left and nobody awaits it
+            log.error("a promotion failed before its commit point: %r", promotion.exception())
+
+    async def _promotion(self, model: TrainedModel) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._store.promote, model)
+        self._catalog.put(model)
+        metrics = model.metrics
+        log.info(
+            "fit %s: version %s serving (epoch %d, validation rmse %.4f, recall@10 %.4f, %.1fs)",
+            model.name,
+            model.version,
+            metrics.epochs,
+            metrics.validation_rmse,
+            metrics.validation_recall_at_10,
+            metrics.train_seconds,
+        )
+
+
+def _changes_plan(request: rec.FitRequest, plan: FitPlan) -> bool:
+    """A later message sets something only the first may set, to another value than the first's."""
+    scale = [
+        request.HasField(bound) and getattr(request, bound) != value
+        for bound, value in zip(_SCALE, plan.scale, strict=True)
+    ]
+    return bool(
+        request.path
+        or (request.model and request.model != plan.model)
+        or (request.implicit and not plan.implicit)
+        or any(scale)
+    )
+
+
+def _unsaved(error: OSError) -> ServiceError:
+    """A disk failure as the caller sees it: what happened, never the worker's paths."""
+    message = (
+        f"the worker could not write the new version to its model directory "
+        f"({error.strerror or type(error).__name__}); this Fit changed nothing. Retry once the operator "
+        "has made room or fixed the disk of USERITEM_DATA_DIR"
+    )
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(message)
+    return Internal(message)
 
 
 def _progress(epoch: EpochReport) -> rec.FitProgress:

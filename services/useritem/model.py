@@ -42,10 +42,11 @@ class TrainedModel:
     user_bias: np.ndarray  # float32 [users]
     item_bias: np.ndarray  # float32 [items]
     seen_offsets: np.ndarray  # int64 [users + 1]: user u saw seen_items[seen_offsets[u]:seen_offsets[u+1]]
-    seen_items: np.ndarray  # int64
+    seen_items: np.ndarray  # int32 (int64 in versions saved before it was int32)
     metrics: Metrics = field(default_factory=Metrics)
     created: float = 0.0
     l2: float = 0.0  # the penalty it was trained with, which fold-in applies too
+    rating_unit: float = 1.0  # what its ratings were divided by for training (scale.rating_unit)
 
     @cached_property
     def version(self) -> str:
@@ -56,9 +57,16 @@ class TrainedModel:
         digest.update("\0".join(self.users).encode())
         digest.update(b"\1")
         digest.update("\0".join(self.items).encode())
-        digest.update(
-            repr((self.implicit, self.global_mean, self.rating_min, self.rating_max, self.l2)).encode()
+        settings: tuple[object, ...] = (
+            self.implicit,
+            self.global_mean,
+            self.rating_min,
+            self.rating_max,
+            self.l2,
         )
+        if self.rating_unit != 1.0:  # versions trained before there was a unit keep their hash
+            settings += (self.rating_unit,)
+        digest.update(repr(settings).encode())
         return digest.hexdigest()[:16]
 
     @property
@@ -137,9 +145,11 @@ class TrainedModel:
     def fold_in(self, item_rows: np.ndarray, ratings: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
         """A new user's (vector, bias) by least squares against the fixed item vectors.
 
-        Explicit: minimise sum (r - mean - item bias - user bias - dot(p, q))^2 + l2 * (|p|^2 + b^2),
-        the per-user part of what training minimised. Implicit: the weighted least squares of implicit ALS,
-        target 1 for the interacted items (weight 1 + alpha) and 0 for every other item (weight 1).
+        Explicit: minimise sum (r - mean - item bias - user bias - dot(p, q))^2 + l2 * (u |p|^2 + b^2),
+        the per-user part of what training minimised: there, l2 * (|p|^2 + b^2) on ratings divided by
+        u = rating_unit, which is this multiplied out by u^2 in the ratings' own units. Implicit: the
+        weighted least squares of implicit ALS, target 1 for the interacted items (weight 1 + alpha) and 0
+        for every other item (weight 1).
         """
         vectors = self.item_vectors[item_rows].astype(np.float64)
         n = len(item_rows)
@@ -149,6 +159,8 @@ class TrainedModel:
             return solution.astype(np.float32), 0.0
         design = np.hstack([vectors, np.ones((n, 1))])
         target = ratings.astype(np.float64) - self.global_mean - self.item_bias[item_rows]
-        gram = design.T @ design + self.l2 * np.eye(self.factors + 1)
+        penalty = np.full(self.factors + 1, self.l2 * self.rating_unit)
+        penalty[-1] = self.l2
+        gram = design.T @ design + np.diag(penalty)
         solution = np.linalg.solve(gram, design.T @ target)
         return solution[:-1].astype(np.float32), float(solution[-1])

@@ -6,6 +6,14 @@ Both minimise loss + l2 x (sum of squares of every vector and bias), the MAP est
 prior, by Adam on minibatches.
 A share of the interactions is held out: validation RMSE (explicit) or recall@10 decides when to stop,
 and the best epoch's parameters are kept. Deterministic for a seed (same data, same thread count).
+
+Explicit ratings are trained divided by their unit (scale.rating_unit: the scale's width over 4.5) and
+the parameters are scaled back after, so the learning rate, the initial vectors and the L2 penalty
+(chosen on MovieLens' 0.5 to 5 stars) mean the same on every scale, and a scale of 0 to 1 or 0 to 1000
+trains like one of 0.5 to 5 (whose unit is exactly 1: its numbers are untouched).
+
+A loss, a validation RMSE or a parameter that is not finite ends training with TrainingDiverged:
+nothing of such a model is kept.
 """
 
 import math
@@ -17,11 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from services.common.errors import Cancelled
+from services.common.errors import Cancelled, FailedPrecondition
 from services.useritem.interactions import Dataset
 from services.useritem.model import Metrics, TrainedModel
 
 RECALL_USERS = 2000  # validation users scored for recall@10 (a deterministic sample beyond that)
+RECALL_BLOCK_SCORES = 1 << 22  # scores computed at once for recall@10 (16 MiB), whatever the item count
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,18 @@ class EpochReport:
 
 class FitCancelled(Cancelled):
     """The Fit's caller went away: training stopped between two steps."""
+
+
+class TrainingDiverged(FailedPrecondition):
+    """Training produced a number that is not finite (a loss, the validation RMSE or a parameter): the
+    data are valid, but the worker's training settings cannot train them."""
+
+    def __init__(self, what: str, value: float, epoch: int, learning_rate: float) -> None:
+        super().__init__(
+            f"training diverged: {what} became {value} in epoch {epoch}; nothing was saved and the serving "
+            f"version is unchanged. The training settings cannot train these data: lower "
+            f"USERITEM_LEARNING_RATE (now {learning_rate:g}) or USERITEM_INIT_STD, or raise USERITEM_L2"
+        )
 
 
 class _Factorisation(torch.nn.Module):
@@ -82,7 +103,7 @@ def split(data: Dataset, fraction: float, seed: int) -> tuple[np.ndarray, np.nda
         _, first = np.unique(rows[back], return_index=True)
         train[np.flatnonzero(back)[first]] = True
         held = ~train
-    return np.flatnonzero(train), np.flatnonzero(held)
+    return np.flatnonzero(train).astype(np.int32), np.flatnonzero(held).astype(np.int32)
 
 
 def train(
@@ -91,15 +112,17 @@ def train(
     implicit: bool,
     report: Callable[[EpochReport], None],
     cancelled: threading.Event,
+    unit: float = 1.0,
 ) -> tuple[dict[str, np.ndarray], Metrics]:
-    """Parameters of the best epoch (users, items, user_bias, item_bias as arrays, mean) and metrics.
+    """Parameters of the best epoch (users, items, user_bias, item_bias as arrays, mean) and metrics, in
+    the ratings' own units; explicit ratings are trained divided by `unit` (scale.rating_unit).
 
     torch's deterministic kernels are on while it trains: the multi-threaded scatter-add of embedding
     gradients otherwise sums in a varying order, and the same data and seed would give a new version."""
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(data, config, implicit, report, cancelled)
+        return _train(data, config, implicit, report, cancelled, unit)
     finally:
         torch.use_deterministic_algorithms(previous)
 
@@ -110,6 +133,7 @@ def _train(
     implicit: bool,
     report: Callable[[EpochReport], None],
     cancelled: threading.Event,
+    unit: float,
 ) -> tuple[dict[str, np.ndarray], Metrics]:
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -117,8 +141,9 @@ def _train(
     train_rows, valid_rows = split(data, config.validation_fraction, config.seed)
     users = torch.from_numpy(data.user_rows)
     items = torch.from_numpy(data.item_rows)
-    ratings = torch.from_numpy(data.ratings)
-    mean = 0.0 if implicit else float(data.ratings[train_rows].mean())
+    scaled = data.ratings if unit == 1.0 else (data.ratings / np.float32(unit)).astype(np.float32)
+    ratings = torch.from_numpy(scaled)
+    mean = 0.0 if implicit else float(scaled[train_rows].mean())
     model = _Factorisation(len(data.users), len(data.items), config.factors, config.init_std, mean)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     train_index = torch.from_numpy(train_rows)
@@ -152,17 +177,24 @@ def _train(
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            total += fit.item() * len(batch)
+            value = fit.item()
+            if not math.isfinite(value):
+                raise TrainingDiverged("the train loss", value, epoch, config.learning_rate)
+            total += value * len(batch)
             count += len(batch)
 
         model.eval()
+        _check_finite(model, epoch, config.learning_rate)
         with torch.no_grad():
             rmse = 0.0
             if not implicit and len(valid_rows):
                 v = torch.from_numpy(valid_rows)
                 rmse = math.sqrt(float(((model.rating(users[v], items[v]) - ratings[v]) ** 2).mean()))
+                if not math.isfinite(rmse):
+                    raise TrainingDiverged("the validation RMSE", rmse, epoch, config.learning_rate)
             recall = recall_at_10(model, data, valid_rows, seen) if implicit else 0.0
-        epoch_report = EpochReport(epoch, config.epochs, total / max(count, 1), rmse, recall)
+        # reported in the ratings' units (x 1.0 leaves a number as it is)
+        epoch_report = EpochReport(epoch, config.epochs, total / max(count, 1) * unit**2, rmse * unit, recall)
         report(epoch_report)
         if not len(valid_rows):
             best = (0.0, _snapshot(model), epoch_report)
@@ -185,6 +217,12 @@ def _train(
         recall = recall_at_10(restored, data, valid_rows, seen)
     else:
         recall = chosen.validation_recall_at_10
+    if unit != 1.0:  # back to the ratings' units: predictions scale by unit, so do biases, and dots
+        for name, factor in (("users", math.sqrt(unit)), ("items", math.sqrt(unit))):
+            parameters[name] *= np.float32(factor)
+        for name in ("user_bias", "item_bias"):
+            parameters[name] *= np.float32(unit)
+        mean *= unit
     parameters["mean"] = np.array(mean, dtype=np.float64)
     metrics = Metrics(
         validation_rmse=chosen.validation_rmse,
@@ -195,6 +233,24 @@ def _train(
         interactions=len(data),
     )
     return parameters, metrics
+
+
+_PARAMETERS = {
+    "users": "the user vectors",
+    "items": "the item vectors",
+    "user_bias": "the user biases",
+    "item_bias": "the item biases",
+}
+
+
+def _check_finite(model: _Factorisation, epoch: int, learning_rate: float) -> None:
+    with torch.no_grad():
+        for name, what in _PARAMETERS.items():
+            parameter = getattr(model, name)
+            finite = torch.isfinite(parameter)
+            if not bool(finite.all()):
+                value = float(parameter[~finite][0])
+                raise TrainingDiverged(f"a parameter ({what})", value, epoch, learning_rate)
 
 
 def _snapshot(model: _Factorisation) -> dict[str, np.ndarray]:
@@ -209,11 +265,11 @@ def _seen_sets(data: Dataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def seen_lists(user_rows: np.ndarray, item_rows: np.ndarray, users: int) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, items) of each user's items, CSR style, items sorted within a user."""
+    """(offsets, items) of each user's items, CSR style, items sorted within a user (int32)."""
     order = np.lexsort((item_rows, user_rows))
     offsets = np.zeros(users + 1, dtype=np.int64)
     np.cumsum(np.bincount(user_rows, minlength=users), out=offsets[1:])
-    return offsets, item_rows[order].astype(np.int64)
+    return offsets, item_rows[order].astype(np.int32)
 
 
 def recall_at_10(
@@ -231,17 +287,20 @@ def recall_at_10(
     users = np.unique(held_users)
     if len(users) > RECALL_USERS:
         users = np.sort(np.random.default_rng(0).choice(users, RECALL_USERS, replace=False))
-    with torch.no_grad():
-        vectors = model.users[torch.from_numpy(users)]
-        scores = (vectors @ model.items.T + model.item_bias).numpy()
     held_offsets, held_items = seen_lists(held_users, data.item_rows[valid_rows], len(data.users))
     total = 0.0
-    k = min(10, scores.shape[1])
-    for row, user in enumerate(users):
-        scores[row, seen_items[offsets[user] : offsets[user + 1]]] = -np.inf
-        top = np.argpartition(-scores[row], k - 1)[:k]
-        held = held_items[held_offsets[user] : held_offsets[user + 1]]
-        total += len(np.intersect1d(top, held)) / min(10, len(held))
+    k = min(10, len(data.items))
+    # Users in blocks: the scores of all of them against every item could take gigabytes.
+    block = max(1, RECALL_BLOCK_SCORES // len(data.items))
+    for start in range(0, len(users), block):
+        chunk = users[start : start + block]
+        with torch.no_grad():
+            scores = (model.users[torch.from_numpy(chunk)] @ model.items.T + model.item_bias).numpy()
+        for row, user in enumerate(chunk):
+            scores[row, seen_items[offsets[user] : offsets[user + 1]]] = -np.inf
+            top = np.argpartition(-scores[row], k - 1)[:k]
+            held = held_items[held_offsets[user] : held_offsets[user + 1]]
+            total += len(np.intersect1d(top, held)) / min(10, len(held))
     return total / len(users)
 
 
@@ -253,6 +312,7 @@ def build_model(
     implicit: bool,
     scale: tuple[float, float],
     l2: float,
+    unit: float = 1.0,
 ) -> TrainedModel:
     offsets, seen_items = seen_lists(data.user_rows, data.item_rows, len(data.users))
     return TrainedModel(
@@ -272,4 +332,5 @@ def build_model(
         metrics=metrics,
         created=time.time(),
         l2=l2,
+        rating_unit=unit,
     )

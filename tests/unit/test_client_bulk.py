@@ -85,3 +85,9 @@ def test_fit_requests_name_the_model_first_then_carry_chunks() -> None:
     assert (requests[0].model, requests[0].rating_min, requests[0].rating_max) == ("movies", 1.0, 5.0)
     assert requests[1].model == "" and requests[0].interactions[1].timestamp == 1700000000
     assert len(list(messages.fit([], "movies", False, None, 2))) == 1  # the service answers an empty Fit
+    # a declared range is sent whole, a bound of 0 included (presence on the wire); none: no scale at all
+    (declared,) = messages.fit(rows[:1], "movies", False, (0.0, 1.0), chunk_size=2)
+    assert declared.HasField("rating_min") and declared.HasField("rating_max")
+    assert (declared.rating_min, declared.rating_max) == (0.0, 1.0)
+    (default,) = messages.fit(rows[:1], "movies", False, None, chunk_size=2)
+    assert not default.HasField("rating_min") and not default.HasField("rating_max")

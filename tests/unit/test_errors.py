@@ -93,7 +93,7 @@ def test_details_that_do_not_make_the_message_are_ignored() -> None:
 
 
 class _Refusing(enc_grpc.EncoderServicer):
-    def __init__(self, error: ServiceError) -> None:
+    def __init__(self, error: Exception) -> None:
         self.error = error
 
     async def Encode(
@@ -168,3 +168,12 @@ async def test_a_relay_names_the_backend_when_the_backend_is_the_problem(
     servicer.error = error_for(code, "gone")
     relayed_error = relayed(await _call(address), "worker w")
     assert (relayed_error.code, relayed_error.message) == (code, reworded)
+
+
+async def test_a_bug_answers_internal_without_the_exceptions_text(refusing: tuple[str, _Refusing]) -> None:
+    """An exception that is no ServiceError is a bug: its text (here a path of the server) stays in the log."""
+    address, servicer = refusing
+    servicer.error = PermissionError(13, "Permission denied", "/srv/secret/data/mf/CURRENT.tmp")
+    error = await _call(address)
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert error.details() == "internal error in test.Encode (PermissionError); the server logged it"

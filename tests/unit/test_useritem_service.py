@@ -229,6 +229,12 @@ def _model_in_second_message(truth: Planted) -> list[rec.FitRequest]:
     return messages
 
 
+def _scale_in_third_message(truth: Planted) -> list[rec.FitRequest]:
+    messages = _messages(truth, rating_min=0.5, rating_max=5.0)
+    messages[2].rating_min, messages[2].rating_max = 0.0, 5.0
+    return messages
+
+
 # (case, the Fit stream, the error it must raise)
 _BAD_FITS: list[tuple[str, Any, type[ServiceError], str]] = [
     (
@@ -242,6 +248,12 @@ _BAD_FITS: list[tuple[str, Any, type[ServiceError], str]] = [
         _model_in_second_message,
         InvalidArgument,
         r"FitRequest 1 sets path, or a model, implicit or rating scale other than the first",
+    ),
+    (
+        "a later message declares another scale",
+        _scale_in_third_message,
+        InvalidArgument,
+        r"FitRequest 2 sets path, or a model, implicit or rating scale other than the first",
     ),
     ("no messages", lambda truth: [], InvalidArgument, r"the Fit stream had no messages"),
     (
@@ -293,6 +305,15 @@ async def test_a_failed_fit_leaves_the_serving_version_and_the_disk_as_they_were
     assert not any(path.name.startswith(".tmp") for path in (worker.models / "mf").iterdir())
 
 
+async def test_later_messages_may_repeat_what_the_first_set(worker: Worker) -> None:
+    messages = _messages(planted(seed=7), model="mf", rating_min=0.5, rating_max=5.0)
+    for message in messages[1:]:
+        message.model, message.rating_min, message.rating_max = "mf", 0.5, 5.0
+    messages[1].model = ""  # and a later message that names no model names none
+    done = (await _fit(worker, messages))[-1]
+    assert done.done and done.model.id == "mf"
+
+
 class _HeldStream:
     """A Fit stream that sends its first message, then waits for `release` before the rest."""
 
@@ -320,9 +341,10 @@ async def test_a_second_fit_while_one_runs_is_resource_exhausted(worker: Worker)
     reading = asyncio.create_task(next_progress())
     await asyncio.wait_for(held.started.wait(), 10)
     # while the first Fit is still reading its stream
-    with pytest.raises(ResourceExhausted, match=r"a Fit of model 'mf' is running") as raised:
+    with pytest.raises(ResourceExhausted, match=r"a Fit is running on this worker") as raised:
         await _fit(worker, _messages(small, model="small"))
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "mf" not in raised.value.message  # the running Fit's model is its caller's business
     held.release.set()
     progress = [await asyncio.wait_for(reading, 30)]
     # while it trains

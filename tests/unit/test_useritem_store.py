@@ -1,6 +1,7 @@
 """Trained models on disk: a save loads back identical, CURRENT follows the newest save, old versions are
 pruned, and a damaged or half-written version never replaces an intact one."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -232,3 +233,71 @@ def test_a_current_naming_a_missing_version_serves_the_newest_intact_one(tmp_pat
     _save(store, second, 1000)  # older on disk, though saved last
     (tmp_path / "mf" / "CURRENT").write_text("0123456789abcdef")
     assert store.load_all()["mf"].version == first.version
+
+
+def _hidden(root: Path, name: str = "mf") -> set[str]:
+    return {path.name for path in (root / name).iterdir() if path.name.startswith(".")}
+
+
+def test_a_staged_version_never_serves_and_a_start_deletes_it(tmp_path: Path) -> None:
+    store = ModelStore(str(tmp_path), keep_versions=3)
+    older, serving, staged = _model(1), _model(2), _model(3)
+    _save(store, older, 1000)
+    _save(store, serving, 2000)
+    store.stage(staged)  # written in full, newer than any other, never promoted (a Fit that was cancelled)
+    assert _hidden(tmp_path) == {f".staged-{staged.version}"} and _current(tmp_path) == serving.version
+    _flip(tmp_path / "mf" / serving.version / "item_vectors.npy", -5)  # and CURRENT's version is damaged
+    loaded = ModelStore(str(tmp_path), keep_versions=3).load_all()
+    _assert_same(loaded["mf"], older)  # the newest intact *promoted* version, not the staged one
+    assert not _hidden(tmp_path)
+
+
+def test_a_kill_after_the_commit_is_finished_by_the_next_start(tmp_path: Path) -> None:
+    store = ModelStore(str(tmp_path), keep_versions=3)
+    serving, promoted = _model(1), _model(2)
+    _save(store, serving, 1000)
+    store.stage(promoted)
+    (tmp_path / "mf" / "CURRENT").write_text(promoted.version)  # the commit, then the kill before the rename
+    loaded = ModelStore(str(tmp_path), keep_versions=3).load_all()
+    _assert_same(loaded["mf"], promoted)
+    assert _versions(tmp_path) == {serving.version, promoted.version} and not _hidden(tmp_path)
+
+
+def test_discard_removes_only_what_stage_wrote_for_a_version_not_promoted(tmp_path: Path) -> None:
+    store = ModelStore(str(tmp_path), keep_versions=3)
+    first, second = _model(1), _model(2)
+    _save(store, first, 1000)
+    _save(store, second, 2000)
+    for model in (first, second):  # a Fit that reproduced a promoted version reuses its folder...
+        store.stage(model)
+        assert not _hidden(tmp_path)
+        store.discard(model)  # ...and its cancellation leaves that folder alone
+    assert _versions(tmp_path) == {first.version, second.version}
+    third = _model(3)
+    store.stage(third)
+    (tmp_path / "mf" / "CURRENT").write_text(third.version)  # being promoted: discard leaves it
+    store.discard(third)
+    assert _hidden(tmp_path) == {f".staged-{third.version}"}
+
+
+def test_a_fit_of_a_damaged_versions_content_writes_it_again(tmp_path: Path) -> None:
+    store = ModelStore(str(tmp_path), keep_versions=3)
+    model = _model(1)
+    folder = _save(store, model, 1000)
+    _flip(folder / "user_vectors.npy", -1)
+    store.save(model)  # the same version again: its damaged folder is replaced, not reused
+    _assert_same(ModelStore(str(tmp_path), keep_versions=3).load_all()["mf"], model)
+    assert not _hidden(tmp_path)
+
+
+def test_a_version_saved_before_rating_units_loads_with_its_version(tmp_path: Path) -> None:
+    """Versions written before meta.json had a rating unit (and with int64 seen items) keep their hash."""
+    store = ModelStore(str(tmp_path), keep_versions=3)
+    model = _model(1)
+    legacy = dataclasses.replace(model, seen_items=model.seen_items.astype(np.int64))
+    folder = store.save(legacy)
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["rating_unit"]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    loaded = store.load_all()["mf"]
+    assert loaded.version == legacy.version and loaded.rating_unit == 1.0

@@ -1,0 +1,60 @@
+"""How much memory the user-item worker needs at most, from its limits, so that USERITEM_MAX_INTERACTIONS,
+USERITEM_MAX_IDS and the container's memory limit can be checked against each other (at start, and by
+tests/test_deploy.py against the Kubernetes manifest).
+
+The figures are peaks of resident memory measured on whole Fits (intake, numbering, training, writing,
+promotion: bench/useritem_memory.py, 32 factors), with margin:
+
+- the process with torch loaded and warmed up by a Fit: 757-763 MiB;
+- per interaction: 74-81 bytes (1 to 7.3 M interactions), 85 with timestamps;
+- per distinct id: 1.70 KB with 8-byte ids, 2.32 KB with 512-byte ones (400,000 ids), most of it the
+  four float32 copies Adam keeps of each parameter vector (value, gradient, two moments) and the best
+  epoch's snapshot; small runs measure more per id (2.2 and 3.2 KB at 100,000 ids: fixed overheads);
+- a Fit at the default limits (20 M interactions, 500,000 ids of 512 bytes): 2.17 GiB over the warm
+  process, against 2.82 GiB for the Fit part of this budget;
+- one FitRequest of USERITEM_MAX_MESSAGE_BYTES: up to 4.4 times its size once parsed, besides the bytes;
+- the version being replaced serves until the new one is promoted, so it counts too.
+"""
+
+from pathlib import Path
+
+from services.useritem.settings import UserItemSettings
+
+PROCESS_BYTES = 800 * 2**20
+FIT_BYTES_PER_INTERACTION = 90
+SERVING_BYTES_PER_INTERACTION = 8  # seen items (int32; int64 in versions saved before)
+MESSAGE_COPIES = 6  # a message's bytes in gRPC, their copy for the parser, and the parsed message
+
+
+def fit_bytes_per_id(settings: UserItemSettings) -> int:
+    floats = 4 * (settings.factors + 1)  # a vector and its bias
+    return 7 * floats + 900 + settings.max_id_bytes * 5 // 4
+
+
+def serving_bytes_per_id(settings: UserItemSettings) -> int:
+    floats = 4 * (settings.factors + 1)
+    return 3 * floats + 250 + settings.max_id_bytes
+
+
+def fit_peak_bytes(settings: UserItemSettings) -> int:
+    """Resident memory of the worker at the peak of its largest Fit, retraining a model of that size."""
+    interactions, ids = settings.max_interactions, settings.max_ids
+    return (
+        PROCESS_BYTES
+        + MESSAGE_COPIES * settings.max_message_bytes
+        + interactions * (FIT_BYTES_PER_INTERACTION + SERVING_BYTES_PER_INTERACTION)
+        + ids * (fit_bytes_per_id(settings) + serving_bytes_per_id(settings))
+    )
+
+
+def container_memory_limit() -> int | None:
+    """This container's memory limit (cgroup v2, else v1), or None where there is none."""
+    for path in (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")):
+        try:
+            value = path.read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < 2**60:  # v1 says "no limit" with a huge number
+            return int(value)
+        return None
+    return None
