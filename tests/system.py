@@ -19,6 +19,7 @@ from tests import image_files
 from tests.certificates import CertificateAuthority, IssuedFiles
 
 USERITEM_ENV = {
+    "USERITEM_DEFAULT_KIND": "mf",  # small vectors for the client tests (EASE: test_useritem_ranking.py)
     "USERITEM_FACTORS": "4",
     "USERITEM_EPOCHS": "5",
     "USERITEM_BATCH_SIZE": "64",

@@ -15,7 +15,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_synced(path: Path, data: bytes) -> str:
+def write_synced(path: Path, data: bytes | memoryview) -> str:
     """Write `data` to `path` and fsync it; returns its sha256 (hex), for a checksum kept beside it."""
     with path.open("wb") as file:
         file.write(data)

@@ -16,7 +16,11 @@ def exact_top_k(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k rows of `rows @ query` among the selected ones (selection: a bool mask over the rows), as
     (row numbers, scores), best first."""
-    scores = rows @ query
+    return top_k_of(rows @ query, k, selection)
+
+
+def top_k_of(scores: np.ndarray, k: int, selection: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of `scores` among the selected ones, as (row numbers, scores), best first."""
     if selection is not None:
         scores = np.where(selection, scores, -np.inf)
         k = min(k, int(selection.sum()))

@@ -13,7 +13,8 @@ from services.useritem.model import TrainedModel
 
 
 class TrainedVectors(ServedModel):
-    """One trained version's user and item vectors."""
+    """One trained version's user and item vectors (EASE: a user's weighted history row, an item's
+    column of B; their dot is the user's score of the item)."""
 
     def __init__(self, model: TrainedModel) -> None:
         self.model = model
@@ -24,9 +25,9 @@ class TrainedVectors(ServedModel):
     ) -> tuple[np.ndarray, Sequence[Prepared]]:
         model = self.model
         rows = [
-            model.user_vectors[user_row(model, item.user_id, f"inputs[{index}].user_id")]
+            model.user_vector(user_row(model, item.user_id, f"inputs[{index}].user_id"))[0]
             if item.WhichOneof("content") == "user_id"
-            else model.item_vectors[item_row(model, item.item_id, f"inputs[{index}].item_id")]
+            else model.item_vector(item_row(model, item.item_id, f"inputs[{index}].item_id"))
             for index, item in enumerate(inputs)
         ]
         return np.stack(rows), [Prepared(None)] * len(rows)

@@ -21,17 +21,19 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from embeddings.v1 import recommender_pb2 as rec
 
 from services.common.errors import Aborted, Internal, InvalidArgument, ResourceExhausted, ServiceError
 from services.useritem.catalog import Catalog, check_model_name
+from services.useritem.ease import EaseConfig, build_ease_model, train_ease
 from services.useritem.interactions import Dataset, FitRules, InteractionBuffer, read_file, resolve_fit_file
-from services.useritem.model import TrainedModel
+from services.useritem.model import EASE, MF, TrainedModel
 from services.useritem.scale import rating_unit, scale_problem
 from services.useritem.settings import UserItemSettings
 from services.useritem.store import ModelStore
@@ -40,6 +42,11 @@ from services.useritem.training import EpochReport, TrainConfig, build_model, tr
 log = logging.getLogger("useritem.fit")
 
 _SCALE = ("rating_min", "rating_max")
+MAX_EPOCHS = 10_000
+
+
+_KINDS = {rec.MODEL_KIND_MF: MF, rec.MODEL_KIND_EASE: EASE}
+KIND_NUMBERS = {name: number for number, name in _KINDS.items()}
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,8 @@ class FitPlan:
     model: str
     implicit: bool
     scale: tuple[float, float]
+    kind: str = MF
+    parameters: rec.FitParameters = field(default_factory=rec.FitParameters)
 
 
 class FitIdle(Aborted):
@@ -58,19 +67,68 @@ class FitIdle(Aborted):
     remedy is ABORTED's: start the whole Fit again."""
 
 
-def train_config(settings: UserItemSettings, implicit: bool = False) -> TrainConfig:
+def train_config(
+    settings: UserItemSettings, implicit: bool = False, parameters: rec.FitParameters | None = None
+) -> TrainConfig:
+    """MF's configuration: the worker's settings, with what the Fit's parameters set instead."""
+    given = parameters or rec.FitParameters()
+
+    def pick(name: str, default: float) -> float:
+        return getattr(given, name) if given.HasField(name) else default
+
     return TrainConfig(
-        factors=settings.factors,
-        epochs=settings.epochs,
+        factors=int(pick("factors", settings.factors)),
+        epochs=int(pick("epochs", settings.epochs)),
         batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        l2=settings.implicit_l2 if implicit else settings.l2,
+        learning_rate=pick("learning_rate", settings.learning_rate),
+        l2=pick("l2", settings.implicit_l2 if implicit else settings.l2),
         init_std=settings.init_std,
-        seed=settings.seed,
-        validation_fraction=settings.validation_fraction,
-        patience=settings.patience,
+        seed=int(pick("seed", settings.seed)),
+        validation_fraction=pick("validation_fraction", settings.validation_fraction),
+        patience=int(pick("patience", settings.patience)),
         implicit_negatives=settings.implicit_negatives,
     )
+
+
+def ease_config(settings: UserItemSettings, parameters: rec.FitParameters) -> EaseConfig:
+    """EASE's configuration: the worker's settings, with what the Fit's parameters set instead."""
+    return EaseConfig(
+        l2=parameters.l2 if parameters.HasField("l2") else settings.ease_l2,
+        validation_fraction=parameters.validation_fraction
+        if parameters.HasField("validation_fraction")
+        else settings.validation_fraction,
+        seed=parameters.seed if parameters.HasField("seed") else settings.seed,
+    )
+
+
+def check_parameters(parameters: rec.FitParameters, kind: str, settings: UserItemSettings) -> None:
+    """INVALID_ARGUMENT for a hyper-parameter out of its range, named as a field of the request."""
+    problems = {
+        "l2": parameters.HasField("l2")
+        and not (
+            math.isfinite(parameters.l2) and (parameters.l2 > 0 if kind == EASE else parameters.l2 >= 0)
+        ),
+        "factors": parameters.HasField("factors") and not 1 <= parameters.factors <= settings.factors,
+        "epochs": parameters.HasField("epochs") and not 1 <= parameters.epochs <= MAX_EPOCHS,
+        "learning_rate": parameters.HasField("learning_rate") and not 0 < parameters.learning_rate <= 1,
+        "patience": parameters.HasField("patience") and parameters.patience < 1,
+        "validation_fraction": parameters.HasField("validation_fraction")
+        and not 0 <= parameters.validation_fraction < 0.5,
+    }
+    ranges = {
+        "l2": "a finite number above 0 (EASE) or at least 0 (MF)",
+        "factors": f"1 to {settings.factors} (USERITEM_FACTORS, what the worker's memory is sized for)",
+        "epochs": f"1 to {MAX_EPOCHS}",
+        "learning_rate": "above 0 and at most 1",
+        "patience": "at least 1",
+        "validation_fraction": "at least 0 and below 0.5",
+    }
+    for name, bad in problems.items():
+        if bad:
+            value = getattr(parameters, name)
+            raise InvalidArgument(
+                f"{value:g} is out of range: use {ranges[name]}", field=f"parameters.{name}"
+            )
 
 
 class Fitter:
@@ -90,7 +148,15 @@ class Fitter:
     def plan(self, first: rec.FitRequest) -> FitPlan:
         name = first.model or self._catalog.default
         check_model_name(name)
-        return FitPlan(name, first.implicit, self._scale(first))
+        kind: str
+        if first.kind == rec.MODEL_KIND_UNSPECIFIED:
+            kind = self._settings.default_kind
+        elif first.kind in _KINDS:
+            kind = _KINDS[first.kind]
+        else:
+            raise InvalidArgument(f"{first.kind} is not a ModelKind this worker knows", field="kind")
+        check_parameters(first.parameters, kind, self._settings)
+        return FitPlan(name, first.implicit, self._scale(first), kind, first.parameters)
 
     def _scale(self, first: rec.FitRequest) -> tuple[float, float]:
         """The declared scale (both bounds set, presence on the wire), or the worker's default (neither)."""
@@ -185,10 +251,11 @@ class Fitter:
         await loop.run_in_executor(self._thread, buffer.add, first.interactions)
         number = 1
         while (request := await self._next(requests)) is not None:
-            if _changes_plan(request, plan):
+            if _changes_plan(request, plan, first):
                 raise InvalidArgument(
-                    f"FitRequest {number} sets path, or a model, implicit or rating scale other than the "
-                    "first message's; only the first message sets them (later ones may repeat them)"
+                    f"FitRequest {number} sets path, or a model, kind, parameters, implicit or rating scale "
+                    "other than the first message's; only the first message sets them (later ones may "
+                    "repeat them)"
                 )
             await loop.run_in_executor(self._thread, buffer.add, request.interactions)
             number += 1
@@ -198,11 +265,18 @@ class Fitter:
         loop = asyncio.get_running_loop()
         reports: asyncio.Queue[EpochReport | None] = asyncio.Queue()
         cancelled = threading.Event()
-        config = train_config(self._settings, plan.implicit)
+        config = train_config(self._settings, plan.implicit, plan.parameters)
         unit = 1.0 if plan.implicit else rating_unit(plan.scale)
+        if plan.kind == EASE and len(data.items) > self._settings.ease_max_items:
+            raise InvalidArgument(
+                f"the Fit has {len(data.items)} distinct items; an EASE model takes at most "
+                f"{self._settings.ease_max_items} (USERITEM_EASE_MAX_ITEMS: its memory grows with the square "
+                "of the item count). Fit kind MODEL_KIND_MF instead, or fewer items"
+            )
         log.info(
-            "fit %s: %d interactions (%d duplicates merged), %d users, %d items, %s",
+            "fit %s (%s): %d interactions (%d duplicates merged), %d users, %d items, %s",
             plan.model,
+            plan.kind,
             len(data),
             data.duplicates,
             len(data.users),
@@ -212,21 +286,31 @@ class Fitter:
 
         def report(epoch: EpochReport) -> None:
             log.info(
-                "fit %s: epoch %d/%d loss %.4f validation rmse %.4f recall@10 %.4f",
+                "fit %s: epoch %d/%d loss %.4f validation rmse %.4f recall@10 %.4f ndcg@10 %.4f",
                 plan.model,
                 epoch.epoch,
                 epoch.epochs,
                 epoch.train_loss,
                 epoch.validation_rmse,
                 epoch.validation_recall_at_10,
+                epoch.validation_ndcg_at_10,
             )
             loop.call_soon_threadsafe(reports.put_nowait, epoch)
 
         def run() -> TrainedModel:
-            parameters, metrics = train(data, config, plan.implicit, report, cancelled, unit)
-            model = build_model(
-                plan.model, data, parameters, metrics, plan.implicit, plan.scale, config.l2, unit
-            )
+            if plan.kind == EASE:
+                ease = ease_config(self._settings, plan.parameters)
+                matrix, weights, metrics = train_ease(
+                    data, ease, plan.implicit, plan.scale, report, cancelled
+                )
+                model = build_ease_model(
+                    plan.model, data, matrix, weights, metrics, plan.implicit, plan.scale, ease.l2
+                )
+            else:
+                parameters, metrics = train(data, config, plan.implicit, report, cancelled, unit)
+                model = build_model(
+                    plan.model, data, parameters, metrics, plan.implicit, plan.scale, config.l2, unit
+                )
             self._store.stage(model)
             return model
 
@@ -235,7 +319,7 @@ class Fitter:
         promoting = False
         try:
             while (epoch := await reports.get()) is not None:
-                yield _progress(epoch)
+                yield _progress(epoch, plan.kind)
             model = await job
             promoting = True  # from here on it runs to its end, whether the caller stays or not
             await self._promote(model)
@@ -250,7 +334,7 @@ class Fitter:
         metrics = model.metrics
         yield rec.FitProgress(
             epoch=metrics.epochs,
-            epochs=config.epochs,
+            epochs=1 if model.kind == EASE else config.epochs,
             train_loss=metrics.train_loss,
             validation_rmse=metrics.validation_rmse,
             done=True,
@@ -259,6 +343,8 @@ class Fitter:
             users=len(data.users),
             items=len(data.items),
             validation_recall_at_10=metrics.validation_recall_at_10,
+            validation_ndcg_at_10=metrics.validation_ndcg_at_10,
+            kind=KIND_NUMBERS[model.kind],
         )
 
     async def _promote(self, model: TrainedModel) -> None:
@@ -290,7 +376,7 @@ class Fitter:
         )
 
 
-def _changes_plan(request: rec.FitRequest, plan: FitPlan) -> bool:
+def _changes_plan(request: rec.FitRequest, plan: FitPlan, first: rec.FitRequest) -> bool:
     """A later message sets something only the first may set, to another value than the first's."""
     scale = [
         request.HasField(bound) and getattr(request, bound) != value
@@ -300,6 +386,8 @@ def _changes_plan(request: rec.FitRequest, plan: FitPlan) -> bool:
         request.path
         or (request.model and request.model != plan.model)
         or (request.implicit and not plan.implicit)
+        or (request.kind and request.kind != first.kind)
+        or (request.HasField("parameters") and request.parameters != first.parameters)
         or any(scale)
     )
 
@@ -316,11 +404,13 @@ def _unsaved(error: OSError) -> ServiceError:
     return Internal(message)
 
 
-def _progress(epoch: EpochReport) -> rec.FitProgress:
+def _progress(epoch: EpochReport, kind: str) -> rec.FitProgress:
     return rec.FitProgress(
         epoch=epoch.epoch,
         epochs=epoch.epochs,
         train_loss=epoch.train_loss,
         validation_rmse=epoch.validation_rmse,
         validation_recall_at_10=epoch.validation_recall_at_10,
+        validation_ndcg_at_10=epoch.validation_ndcg_at_10,
+        kind=KIND_NUMBERS[kind],
     )

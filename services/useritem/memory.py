@@ -14,21 +14,42 @@ promotion: bench/useritem_memory.py, 32 factors), with margin:
   process, against 2.82 GiB for the Fit part of this budget;
 - one FitRequest of USERITEM_MAX_MESSAGE_BYTES: up to 4.4 times its size once parsed, besides the bytes;
 - the version being replaced serves until the new one is promoted, so it counts too.
+
+An EASE Fit keeps no per-id training state; instead it holds items x items float32 matrices
+(USERITEM_EASE_MAX_ITEMS bounds the item count): the one being solved in place (which becomes the new
+version's), the buffer its file is written from, and the version being replaced, besides the products
+of GRAM_BLOCK columns that build X'X and about 64 bytes per interaction of sparse copies of X (csr, csc,
+its transpose, the validation history). These are counted from the arrays' sizes, not measured.
 """
 
 from pathlib import Path
 
+from services.useritem.ease import GRAM_BLOCK
 from services.useritem.settings import UserItemSettings
 
 PROCESS_BYTES = 800 * 2**20
 FIT_BYTES_PER_INTERACTION = 90
 SERVING_BYTES_PER_INTERACTION = 8  # seen items (int32; int64 in versions saved before)
 MESSAGE_COPIES = 6  # a message's bytes in gRPC, their copy for the parser, and the parsed message
+EASE_MATRIX_COPIES = 3  # solved in place (the new version's), its file's buffer, the version replaced
+EASE_BYTES_PER_INTERACTION = 64
 
 
 def fit_bytes_per_id(settings: UserItemSettings) -> int:
+    """An MF Fit's memory per id: the id's intake and its vector's training state."""
     floats = 4 * (settings.factors + 1)  # a vector and its bias
-    return 7 * floats + 900 + settings.max_id_bytes * 5 // 4
+    return 7 * floats + intake_bytes_per_id(settings)
+
+
+def intake_bytes_per_id(settings: UserItemSettings) -> int:
+    return 900 + settings.max_id_bytes * 5 // 4
+
+
+def ease_fit_bytes(settings: UserItemSettings) -> int:
+    """An EASE Fit's memory beyond the intake: its matrices and the sparse copies of the interactions."""
+    items = settings.ease_max_items
+    matrices = 4 * items * items * EASE_MATRIX_COPIES + 2 * 4 * GRAM_BLOCK * items
+    return matrices + settings.max_interactions * EASE_BYTES_PER_INTERACTION
 
 
 def serving_bytes_per_id(settings: UserItemSettings) -> int:
@@ -37,13 +58,16 @@ def serving_bytes_per_id(settings: UserItemSettings) -> int:
 
 
 def fit_peak_bytes(settings: UserItemSettings) -> int:
-    """Resident memory of the worker at the peak of its largest Fit, retraining a model of that size."""
+    """Resident memory of the worker at the peak of its largest Fit, retraining a model of that size
+    (of either kind: an MF Fit's training state per id, or an EASE Fit's matrices)."""
     interactions, ids = settings.max_interactions, settings.max_ids
+    mf = ids * (fit_bytes_per_id(settings) - intake_bytes_per_id(settings))
     return (
         PROCESS_BYTES
         + MESSAGE_COPIES * settings.max_message_bytes
         + interactions * (FIT_BYTES_PER_INTERACTION + SERVING_BYTES_PER_INTERACTION)
-        + ids * (fit_bytes_per_id(settings) + serving_bytes_per_id(settings))
+        + ids * (intake_bytes_per_id(settings) + serving_bytes_per_id(settings))
+        + max(mf, ease_fit_bytes(settings))
     )
 
 

@@ -15,6 +15,8 @@ the type of ratings on the wire and of the model's parameters:
 
 import math
 
+import numpy as np
+
 RATING_UNIT_WIDTH = 4.5  # the width of the scale training works in (0.5 to 5 stars)
 MAX_RATING_MAGNITUDE = 1e9
 MIN_SCALE_WIDTH = 1e-6
@@ -46,3 +48,15 @@ def rating_unit(scale: tuple[float, float]) -> float:
     """What ratings of `scale` are divided by for training (exactly 1.0 for a scale RATING_UNIT_WIDTH
     wide, such as 0.5 to 5)."""
     return (scale[1] - scale[0]) / RATING_UNIT_WIDTH
+
+
+def interaction_weights(ratings: np.ndarray, implicit: bool, scale: tuple[float, float]) -> np.ndarray:
+    """EASE's weight of each interaction (float32): 1 for implicit feedback; for a rating, 1 + its height
+    above the scale's bottom in units of rating_unit, so every rating counts as an interaction and a
+    higher one counts more (1 to 5.5 on 0.5 to 5 stars, the same spread on every scale). Weighting by the
+    rating, rather than counting every rating alike, raised held-out recall@10 on MovieLens from 0.287
+    to 0.30 (README's recommendation section)."""
+    if implicit:
+        return np.ones(len(ratings), dtype=np.float32)
+    heights = (np.asarray(ratings, dtype=np.float64) - scale[0]) / rating_unit(scale)
+    return (1.0 + np.clip(heights, 0.0, RATING_UNIT_WIDTH)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""The Recommender service: recommendations, similar items, fold-in and Fit over the catalog."""
+"""The Recommender service: recommendations, scores, similar items, fold-in and Fit over the catalog."""
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -31,6 +31,16 @@ def _hits(model: TrainedModel, ranked: Ranked) -> list[pb.Hit]:
     ]
 
 
+def _shown(ids: list[str]) -> str:
+    return ", ".join(repr(item) for item in ids[:5]) + (" ..." if len(ids) > 5 else "")
+
+
+def _known_items(model: TrainedModel, ids: Sequence[str]) -> np.ndarray:
+    """Rows of the ids the model knows (others are ignored: they cannot be recommended anyway)."""
+    index = model.item_index
+    return np.array([index[item] for item in ids if item in index], dtype=np.int64)
+
+
 class RecommenderService(rec_grpc.RecommenderServicer):
     def __init__(self, catalog: Catalog, fitter: Fitter, settings: UserItemSettings) -> None:
         self._catalog = catalog
@@ -50,9 +60,51 @@ class RecommenderService(rec_grpc.RecommenderServicer):
     ) -> rec.RecommendResponse:
         check_k(request.k, self._settings.max_k, "USERITEM_MAX_K")
         model = self._catalog.get(request.model)
-        row = user_row(model, request.user_id)
-        ranked = await self._run(model.recommend, row, request.k, request.include_seen)
+        exclude = _known_items(model, request.exclude_items)
+        candidates = _known_items(model, request.candidate_items) if request.candidate_items else None
+        if request.fallback_below:
+            if not request.user_id:
+                raise InvalidArgument("is empty", field="user_id")
+            row = model.user_index.get(request.user_id)
+            if row is None or len(model.seen(row)) < request.fallback_below:
+                seen = None if row is None or request.include_seen else model.seen(row)
+                excluded = exclude if seen is None else np.concatenate([exclude, seen])
+                ranked = await self._run(model.popular, request.k, excluded, candidates)
+                return rec.RecommendResponse(
+                    items=_hits(model, ranked), model=model.card.ref(), fallback=True
+                )
+        else:
+            row = user_row(model, request.user_id)
+        ranked = await self._run(model.recommend, row, request.k, request.include_seen, exclude, candidates)
         return rec.RecommendResponse(items=_hits(model, ranked), model=model.card.ref())
+
+    async def Score(self, request: rec.ScoreRequest, context: grpc.aio.ServicerContext) -> rec.ScoreResponse:
+        limit = self._settings.max_inputs_per_request
+        if not request.item_ids or len(request.item_ids) > limit:
+            raise InvalidArgument(
+                f"Score takes 1 to {limit} item ids (USERITEM_MAX_INPUTS_PER_REQUEST); got {len(request.item_ids)}",
+                field="item_ids",
+            )
+        model = self._catalog.get(request.model)
+        row = user_row(model, request.user_id)
+        unknown = []
+        rows = []
+        for index, item in enumerate(request.item_ids):
+            if not item:
+                raise InvalidArgument("is empty", field=f"item_ids[{index}]")
+            found = model.item_index.get(item)
+            if found is None:
+                unknown.append(item)
+            else:
+                rows.append(found)
+        if unknown:
+            raise NotFound(
+                f"{len(unknown)} item(s) are not items of model {model.name!r} (version {model.version}): "
+                f"{_shown(unknown)}; leave them out"
+            )
+        columns = np.array(rows, dtype=np.int64)
+        scores = await self._run(model.score, row, columns)
+        return rec.ScoreResponse(items=_hits(model, (columns, scores)), model=model.card.ref())
 
     async def SimilarItems(
         self, request: rec.SimilarItemsRequest, context: grpc.aio.ServicerContext
@@ -102,10 +154,9 @@ class RecommenderService(rec_grpc.RecommenderServicer):
             latest.pop(row, None)
             latest[row] = interaction.rating
         if unknown:
-            shown = ", ".join(repr(item) for item in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
             raise NotFound(
                 f"{len(unknown)} item(s) of the fold-in are not items of model {model.name!r} "
-                f"(version {model.version}): {shown}; leave them out"
+                f"(version {model.version}): {_shown(unknown)}; leave them out"
             )
         return np.fromiter(latest, dtype=np.int64), np.array(list(latest.values()), dtype=np.float32)
 

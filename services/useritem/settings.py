@@ -1,5 +1,7 @@
 """User-item worker settings, from USERITEM_* environment variables."""
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -19,6 +21,26 @@ class UserItemSettings(EncoderSettings):
         "data/useritem", description="Directory of the trained models (one folder per model and version)."
     )
     default_model: str = Field("mf", description="Model that Fit trains and calls use when none is named.")
+    default_kind: Literal["ease", "mf"] = Field(
+        "ease",
+        description="Kind of model a Fit trains when its FitRequest names none: ease (ranks best: the one to "
+        "recommend with) or mf (matrix factorisation: the one to predict ratings with).",
+    )
+    ease_l2: float = Field(
+        250.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="EASE's L2 penalty, times the mean squared interaction weight (so one value suits ratings and "
+        "implicit feedback): larger favours popular items, smaller fits rare co-occurrences. Chosen on "
+        "MovieLens (README's recommendation section).",
+    )
+    ease_max_items: int = Field(
+        10_000,
+        gt=0,
+        description="Most distinct items of an EASE Fit: its items x items float32 matrix takes 4 x items^2 "
+        "bytes (400 MB at 10,000), once while it is solved and once per serving version (see the Limits "
+        "table).",
+    )
     keep_versions: int = Field(
         3, ge=1, description="Versions of each model kept on disk (the serving one included)."
     )
@@ -59,7 +81,8 @@ class UserItemSettings(EncoderSettings):
     patience: int = Field(
         3,
         gt=0,
-        description="Stop after this many epochs without a better validation RMSE; keep the best epoch.",
+        description="MF: stop after this many epochs without a better validation figure (RMSE for explicit fits, "
+        "NDCG@10 for implicit ones); keep the best epoch.",
     )
     rating_min: float = Field(0.5, description="Lowest valid rating, unless a Fit declares its own scale.")
     rating_max: float = Field(5.0, description="Highest valid rating, unless a Fit declares its own scale.")

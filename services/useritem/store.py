@@ -30,20 +30,22 @@ from pathlib import Path
 import numpy as np
 
 from services.common.durable import fsync_dir, write_synced
-from services.useritem.model import Metrics, TrainedModel
+from services.useritem.model import MF, Metrics, TrainedModel
 
 log = logging.getLogger("useritem.store")
 
 _ARRAYS = ("user_vectors", "item_vectors", "user_bias", "item_bias", "seen_offsets", "seen_items")
+_EASE_ARRAYS = ("item_weights", "seen_weights")  # written only by the kinds that have them
 _CURRENT = "CURRENT"
 _TEMPORARY = ".tmp-"  # a version being written
 _STAGED = ".staged-"  # a version written in full, not promoted
 
 
-def _npy(array: np.ndarray) -> bytes:
+def _npy(array: np.ndarray) -> memoryview:
+    """The .npy file's bytes, without a second copy (an EASE matrix is hundreds of megabytes)."""
     buffer = BytesIO()
     np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+    return buffer.getbuffer()
 
 
 class ModelStore:
@@ -197,8 +199,9 @@ def _intact(folder: Path) -> bool:
 
 
 def _write(folder: Path, model: TrainedModel) -> None:
+    present = [name for name in (*_ARRAYS, *_EASE_ARRAYS) if getattr(model, name) is not None]
     sums = {
-        f"{name}.npy": write_synced(folder / f"{name}.npy", _npy(getattr(model, name))) for name in _ARRAYS
+        f"{name}.npy": write_synced(folder / f"{name}.npy", _npy(getattr(model, name))) for name in present
     }
     sums["ids.json"] = write_synced(
         folder / "ids.json", json.dumps({"users": model.users, "items": model.items}).encode()
@@ -213,6 +216,7 @@ def _write(folder: Path, model: TrainedModel) -> None:
         "created": model.created,
         "l2": model.l2,
         "rating_unit": model.rating_unit,
+        "kind": model.kind,
         "metrics": dataclasses.asdict(model.metrics),
         "sha256": sums,
     }
@@ -228,7 +232,8 @@ def load(folder: Path) -> TrainedModel:
         if hashlib.sha256(blob).hexdigest() != digest:
             raise ValueError(f"{name} does not match its checksum")
         blobs[name] = blob
-    arrays = {name: np.load(BytesIO(blobs[f"{name}.npy"]), allow_pickle=False) for name in _ARRAYS}
+    names = [*_ARRAYS, *(name for name in _EASE_ARRAYS if f"{name}.npy" in blobs)]
+    arrays = {name: np.load(BytesIO(blobs[f"{name}.npy"]), allow_pickle=False) for name in names}
     ids = json.loads(blobs["ids.json"])
     model = TrainedModel(
         name=meta["name"],
@@ -242,6 +247,7 @@ def load(folder: Path) -> TrainedModel:
         created=meta["created"],
         l2=meta["l2"],
         rating_unit=meta.get("rating_unit", 1.0),
+        kind=meta.get("kind", MF),
         **arrays,
     )
     if model.version != meta["version"]:

@@ -4,8 +4,9 @@ Explicit: predicted rating = global mean + user bias + item bias + dot(user, ite
 Implicit: score = dot(user, item) + item bias, BPR loss (each interaction ranked above sampled items).
 Both minimise loss + l2 x (sum of squares of every vector and bias), the MAP estimate under a Gaussian
 prior, by Adam on minibatches.
-A share of the interactions is held out: validation RMSE (explicit) or recall@10 decides when to stop,
-and the best epoch's parameters are kept. Deterministic for a seed (same data, same thread count).
+A share of the interactions is held out: validation RMSE (explicit: the model is for ratings) or
+NDCG@10 (implicit: the model is for ranking) decides when to stop, and the best epoch's parameters are
+kept; every epoch reports validation recall@10 and NDCG@10 (ranking.py) besides. Deterministic for a seed (same data, same thread count).
 
 Explicit ratings are trained divided by their unit (scale.rating_unit: the scale's width over 4.5) and
 the parameters are scaled back after, so the learning rate, the initial vectors and the L2 penalty
@@ -28,9 +29,7 @@ import torch
 from services.common.errors import Cancelled, FailedPrecondition
 from services.useritem.interactions import Dataset
 from services.useritem.model import Metrics, TrainedModel
-
-RECALL_USERS = 2000  # validation users scored for recall@10 (a deterministic sample beyond that)
-RECALL_BLOCK_SCORES = 1 << 22  # scores computed at once for recall@10 (16 MiB), whatever the item count
+from services.useritem.ranking import RankingFigures, ranking_figures, seen_lists
 
 
 @dataclass(frozen=True)
@@ -54,6 +53,7 @@ class EpochReport:
     train_loss: float
     validation_rmse: float
     validation_recall_at_10: float
+    validation_ndcg_at_10: float = 0.0
 
 
 class FitCancelled(Cancelled):
@@ -147,7 +147,6 @@ def _train(
     model = _Factorisation(len(data.users), len(data.items), config.factors, config.init_std, mean)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     train_index = torch.from_numpy(train_rows)
-    seen = _seen_sets(data, train_rows)
 
     best: tuple[float, dict[str, np.ndarray], EpochReport] | None = None
     stale = 0
@@ -192,14 +191,21 @@ def _train(
                 rmse = math.sqrt(float(((model.rating(users[v], items[v]) - ratings[v]) ** 2).mean()))
                 if not math.isfinite(rmse):
                     raise TrainingDiverged("the validation RMSE", rmse, epoch, config.learning_rate)
-            recall = recall_at_10(model, data, valid_rows, seen) if implicit else 0.0
+            ranking = _ranking(model, data, train_rows, valid_rows)
         # reported in the ratings' units (x 1.0 leaves a number as it is)
-        epoch_report = EpochReport(epoch, config.epochs, total / max(count, 1) * unit**2, rmse * unit, recall)
+        epoch_report = EpochReport(
+            epoch,
+            config.epochs,
+            total / max(count, 1) * unit**2,
+            rmse * unit,
+            ranking.recall_at_10,
+            ranking.ndcg_at_10,
+        )
         report(epoch_report)
         if not len(valid_rows):
             best = (0.0, _snapshot(model), epoch_report)
             continue
-        error = -recall if implicit else rmse
+        error = -ranking.ndcg_at_10 if implicit else rmse
         if best is None or error < best[0]:
             best, stale = (error, _snapshot(model), epoch_report), 0
         else:
@@ -209,14 +215,6 @@ def _train(
 
     assert best is not None
     _, parameters, chosen = best
-    if not implicit and len(valid_rows):
-        restored = _Factorisation(len(data.users), len(data.items), config.factors, 0.0, mean)
-        with torch.no_grad():
-            for name, array in parameters.items():
-                getattr(restored, name).copy_(torch.from_numpy(array))
-        recall = recall_at_10(restored, data, valid_rows, seen)
-    else:
-        recall = chosen.validation_recall_at_10
     if unit != 1.0:  # back to the ratings' units: predictions scale by unit, so do biases, and dots
         for name, factor in (("users", math.sqrt(unit)), ("items", math.sqrt(unit))):
             parameters[name] *= np.float32(factor)
@@ -226,7 +224,8 @@ def _train(
     parameters["mean"] = np.array(mean, dtype=np.float64)
     metrics = Metrics(
         validation_rmse=chosen.validation_rmse,
-        validation_recall_at_10=recall,
+        validation_recall_at_10=chosen.validation_recall_at_10,
+        validation_ndcg_at_10=chosen.validation_ndcg_at_10,
         train_loss=chosen.train_loss,
         epochs=chosen.epoch,
         train_seconds=time.perf_counter() - started,
@@ -260,48 +259,19 @@ def _snapshot(model: _Factorisation) -> dict[str, np.ndarray]:
     }
 
 
-def _seen_sets(data: Dataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return seen_lists(data.user_rows[rows], data.item_rows[rows], len(data.users))
+def _ranking(
+    model: _Factorisation, data: Dataset, train_rows: np.ndarray, valid_rows: np.ndarray
+) -> RankingFigures:
+    """Validation recall@10 and NDCG@10 of the ranking by dot + item bias (the order of both kinds of
+    score: an explicit prediction adds only the user's constant)."""
 
-
-def seen_lists(user_rows: np.ndarray, item_rows: np.ndarray, users: int) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, items) of each user's items, CSR style, items sorted within a user (int32)."""
-    order = np.lexsort((item_rows, user_rows))
-    offsets = np.zeros(users + 1, dtype=np.int64)
-    np.cumsum(np.bincount(user_rows, minlength=users), out=offsets[1:])
-    return offsets, item_rows[order].astype(np.int32)
-
-
-def recall_at_10(
-    model: _Factorisation,
-    data: Dataset,
-    valid_rows: np.ndarray,
-    seen: tuple[np.ndarray, np.ndarray],
-) -> float:
-    """Mean over validation users of |top 10 ∩ held-out| / min(10, |held-out|), items seen in training
-    excluded from the top 10."""
-    if not len(valid_rows):
-        return 0.0
-    offsets, seen_items = seen
-    held_users = data.user_rows[valid_rows]
-    users = np.unique(held_users)
-    if len(users) > RECALL_USERS:
-        users = np.sort(np.random.default_rng(0).choice(users, RECALL_USERS, replace=False))
-    held_offsets, held_items = seen_lists(held_users, data.item_rows[valid_rows], len(data.users))
-    total = 0.0
-    k = min(10, len(data.items))
-    # Users in blocks: the scores of all of them against every item could take gigabytes.
-    block = max(1, RECALL_BLOCK_SCORES // len(data.items))
-    for start in range(0, len(users), block):
-        chunk = users[start : start + block]
+    def scores(users: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            scores = (model.users[torch.from_numpy(chunk)] @ model.items.T + model.item_bias).numpy()
-        for row, user in enumerate(chunk):
-            scores[row, seen_items[offsets[user] : offsets[user + 1]]] = -np.inf
-            top = np.argpartition(-scores[row], k - 1)[:k]
-            held = held_items[held_offsets[user] : held_offsets[user + 1]]
-            total += len(np.intersect1d(top, held)) / min(10, len(held))
-    return total / len(users)
+            return (model.users[torch.from_numpy(users)] @ model.items.T + model.item_bias).numpy()
+
+    return ranking_figures(
+        scores, data.user_rows, data.item_rows, train_rows, valid_rows, len(data.users), len(data.items)
+    )
 
 
 def build_model(

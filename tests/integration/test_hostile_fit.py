@@ -35,6 +35,7 @@ T = TypeVar("T")
 IDLE_S = 2.0  # USERITEM_FIT_IDLE_TIMEOUT_S of the worker here
 EPOCHS = 5  # every Fit runs exactly this many epochs (patience beyond them): a progress message each
 WORKER_ENV = {
+    "USERITEM_DEFAULT_KIND": "mf",  # epochs to stall and diverge in (EASE: test_useritem_ranking.py)
     "USERITEM_FACTORS": "4",
     "USERITEM_EPOCHS": str(EPOCHS),
     "USERITEM_PATIENCE": "100",

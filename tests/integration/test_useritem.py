@@ -34,6 +34,7 @@ Stub: TypeAlias = gateway_pb2_grpc.GatewayStub
 USERS, ITEMS, PLANTED_FACTORS, PER_USER, NOISE, DUPLICATES = 200, 100, 6, 30, 0.3, 7
 FACTORS, EPOCHS = 8, 40
 WORKER_ENV = {
+    "USERITEM_DEFAULT_KIND": "mf",  # a matrix factorisation worker (EASE: test_useritem_ranking.py)
     "USERITEM_FACTORS": str(FACTORS),
     "USERITEM_EPOCHS": str(EPOCHS),
     "USERITEM_LEARNING_RATE": "0.05",

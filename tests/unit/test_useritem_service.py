@@ -89,6 +89,7 @@ def _worker(root: Path, **overrides: Any) -> Worker:
         "max_k": 50,
         "max_inputs_per_request": 64,
         "max_id_bytes": 64,
+        "default_kind": "mf",  # these tests are of matrix factorisation (EASE: test_useritem_ease.py)
     }
     values.update(overrides)
     settings = UserItemSettings(**values)
@@ -247,13 +248,13 @@ _BAD_FITS: list[tuple[str, Any, type[ServiceError], str]] = [
         "a later message names a model",
         _model_in_second_message,
         InvalidArgument,
-        r"FitRequest 1 sets path, or a model, implicit or rating scale other than the first",
+        r"FitRequest 1 sets path, or a model, kind, parameters, implicit or rating scale other than the first",
     ),
     (
         "a later message declares another scale",
         _scale_in_third_message,
         InvalidArgument,
-        r"FitRequest 2 sets path, or a model, implicit or rating scale other than the first",
+        r"FitRequest 2 sets path, or a model, kind, parameters, implicit or rating scale other than the first",
     ),
     ("no messages", lambda truth: [], InvalidArgument, r"the Fit stream had no messages"),
     (
@@ -406,14 +407,17 @@ async def test_recommend_ranks_unseen_items_by_predicted_rating(served: Served) 
         ids = [hit.id for hit in response.items]
         assert len(ids) == 10 and not seen & set(ids)
         assert all(hit.kind == pb.INPUT_KIND_ITEM for hit in response.items)
-        # each score is the predicted rating: mean + user bias + item bias + dot(user, item)
+        # each score is the predicted rating: mean + user bias + item bias + dot(user, item), clamped to
+        # the rating scale
         row = model.user_index[f"u{user}"]
         columns = np.array([model.item_index[i] for i in ids])
-        predicted = (
+        predicted = np.clip(
             model.global_mean
             + model.user_bias[row]
             + model.item_bias[columns]
-            + model.item_vectors[columns] @ model.user_vectors[row]
+            + model.item_vectors[columns] @ model.user_vectors[row],
+            model.rating_min,
+            model.rating_max,
         )
         np.testing.assert_allclose([hit.score for hit in response.items], predicted, rtol=1e-5, atol=1e-5)
         # and they are the 10 best unseen items
@@ -690,5 +694,5 @@ async def test_list_models_describes_each_serving_model(served: Served) -> None:
         ("mf", served.mf.version, 8, "useritem-mf"),
     ]
     assert list(listed.models[1].input_kinds) == [pb.INPUT_KIND_USER, pb.INPUT_KIND_ITEM]
-    assert "implicit (BPR)" in listed.models[0].description
+    assert "implicit feedback (BPR)" in listed.models[0].description
     assert "200 users, 100 items, 6000 interactions" in listed.models[1].description
