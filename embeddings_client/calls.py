@@ -23,6 +23,7 @@ from embeddings_client.results import (
     FoldIn,
     ModelInfo,
     Recommendations,
+    Scores,
     SearchResult,
     Similarity,
     UpsertAck,
@@ -151,9 +152,24 @@ def drop_space(space: str) -> Unary[Dropped]:
     return Unary(GATEWAY + "DropSpace", gw.DropSpaceRequest(space=space), gw.DropSpaceResponse, Dropped.parse)
 
 
-def recommend(user_id: str, k: int, model: str, include_seen: bool) -> Unary[Recommendations]:
-    request = rec.RecommendRequest(user_id=user_id, k=k, model=model, include_seen=include_seen)
+def recommend(
+    user_id: str,
+    k: int,
+    model: str,
+    include_seen: bool,
+    exclude_items: Iterable[str] = (),
+    candidate_items: Iterable[str] = (),
+    fallback_below: int = 0,
+) -> Unary[Recommendations]:
+    request = messages.recommend(
+        user_id, k, model, include_seen, exclude_items, candidate_items, fallback_below
+    )
     return Unary(GATEWAY + "Recommend", request, rec.RecommendResponse, Recommendations.parse)
+
+
+def score(user_id: str, item_ids: Iterable[str], model: str) -> Unary[Scores]:
+    request = rec.ScoreRequest(user_id=user_id, item_ids=list(item_ids), model=model)
+    return Unary(GATEWAY + "Score", request, rec.ScoreResponse, Scores.parse)
 
 
 def similar_items(item_id: str, k: int, model: str) -> Unary[Recommendations]:
@@ -172,8 +188,10 @@ def fit(
     implicit: bool,
     rating_range: tuple[float, float] | None,
     chunk_size: int,
+    kind: str = "",
+    parameters: Mapping[str, float] | None = None,
 ) -> Streaming[FitProgress]:
-    requests = messages.fit(interactions, model, implicit, rating_range, chunk_size)
+    requests = messages.fit(interactions, model, implicit, rating_range, chunk_size, kind, parameters)
     return Streaming(GATEWAY + "Fit", requests, rec.FitProgress, FitProgress.parse)
 
 

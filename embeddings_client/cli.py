@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 the service answered with an error (its status code and
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -305,18 +306,24 @@ class _Bar(AbstractContextManager[Callable[[int], None]]):
 def fit(client: Client, args: argparse.Namespace, out: Output) -> int:
     interactions = list(_interactions(args.file, args.implicit))
     epochs = []
-    for progress in client.fit(interactions, model=args.model, implicit=args.implicit):
+    parameters = dict(_parameter(pair) for pair in args.param)
+    fitting = client.fit(
+        interactions, model=args.model, implicit=args.implicit, kind=args.kind, parameters=parameters
+    )
+    for progress in fitting:
         epochs.append(asdict(progress))
         if progress.done and progress.model is not None:
             out.line(
-                f"{model_text(progress.model)}: {progress.interactions} interactions, {progress.users} users, "
-                f"{progress.items} items, validation RMSE {progress.validation_rmse:.4f}, "
-                f"recall@10 {progress.validation_recall_at_10:.3f} (epoch {progress.epoch})"
+                f"{model_text(progress.model)} ({progress.kind}): {progress.interactions} interactions, "
+                f"{progress.users} users, {progress.items} items, validation RMSE "
+                f"{progress.validation_rmse:.4f}, recall@10 {progress.validation_recall_at_10:.3f}, "
+                f"NDCG@10 {progress.validation_ndcg_at_10:.3f} (epoch {progress.epoch})"
             )
         else:
             out.line(
                 f"epoch {progress.epoch}/{progress.epochs}: loss {progress.train_loss:.4f}, "
-                f"validation RMSE {progress.validation_rmse:.4f}"
+                f"validation RMSE {progress.validation_rmse:.4f}, recall@10 "
+                f"{progress.validation_recall_at_10:.3f}, NDCG@10 {progress.validation_ndcg_at_10:.3f}"
             )
     if out.json:
         print(json.dumps({**(epochs[-1] if epochs else {}), "progress": epochs}))
@@ -342,8 +349,36 @@ def _interactions(file: Path, implicit: bool) -> Iterator[Interaction]:
             yield (row["user_id"], row["item_id"], rating, stamp)
 
 
+def _parameter(pair: str) -> tuple[str, float]:
+    name, separator, value = pair.partition("=")
+    if separator:
+        with contextlib.suppress(ValueError):
+            return name, float(value)
+    raise UsageError(f"--param {pair!r}: expected NAME=NUMBER, e.g. l2=250")
+
+
 def recommend(client: Client, args: argparse.Namespace, out: Output) -> int:
-    result = client.recommend(args.user, k=args.k, model=args.model, include_seen=args.include_seen)
+    result = client.recommend(
+        args.user,
+        k=args.k,
+        model=args.model,
+        include_seen=args.include_seen,
+        exclude_items=args.exclude,
+        candidate_items=args.candidates,
+        fallback_below=args.fallback_below,
+    )
+    document = {
+        "model": asdict(result.model),
+        "items": [asdict(hit) for hit in result.items],
+        "fallback": result.fallback,
+    }
+    title = model_text(result.model) + (" (popularity fallback)" if result.fallback else "")
+    out.emit(document, lambda console: console.print(hits_table(result.items, title)))
+    return EXIT_OK
+
+
+def score(client: Client, args: argparse.Namespace, out: Output) -> int:
+    result = client.score(args.user, args.items, model=args.model)
     document = {"model": asdict(result.model), "items": [asdict(hit) for hit in result.items]}
     out.emit(document, lambda console: console.print(hits_table(result.items, model_text(result.model))))
     return EXIT_OK
@@ -535,12 +570,40 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("file", type=Path, metavar="FILE")
     sub.add_argument("--model", default="", help="the model to train (default: the worker's)")
     sub.add_argument("--implicit", action="store_true", help="interactions without ratings (ranking loss)")
+    sub.add_argument(
+        "--kind",
+        choices=("", "ease", "mf"),
+        default="",
+        help="ease (ranks best), mf (predicts ratings); default: the worker's",
+    )
+    sub.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=NUMBER",
+        help="a hyper-parameter of this Fit (l2, factors, epochs, learning_rate, patience, "
+        "validation_fraction, seed), repeatable",
+    )
 
     sub = command("recommend", recommend, "Items for a known user.")
     sub.add_argument("user", metavar="USER")
     sub.add_argument("-k", type=int, default=10, help="items to return (default %(default)s)")
     sub.add_argument("--model", default="", help="the user-item model (default: the gateway's)")
     sub.add_argument("--include-seen", action="store_true", help="also items the user interacted with")
+    sub.add_argument("--exclude", nargs="+", default=[], metavar="ITEM", help="items never to recommend")
+    sub.add_argument("--candidates", nargs="+", default=[], metavar="ITEM", help="recommend only among these")
+    sub.add_argument(
+        "--fallback-below",
+        type=int,
+        default=0,
+        metavar="N",
+        help="a user with fewer than N interactions (an unknown one: 0) gets the most popular items, flagged",
+    )
+
+    sub = command("score", score, "The model's score of given items for a known user.")
+    sub.add_argument("user", metavar="USER")
+    sub.add_argument("items", nargs="+", metavar="ITEM")
+    sub.add_argument("--model", default="", help="the user-item model (default: the gateway's)")
 
     sub = command("similar-items", similar_items, "Items closest to a known item (learnt item vectors).")
     sub.add_argument("item", metavar="ITEM")

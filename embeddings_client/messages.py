@@ -205,18 +205,38 @@ def upsert_stream(
         yield upsert(batch, space, model, request_id)
 
 
+MODEL_KINDS = {"": rec.MODEL_KIND_UNSPECIFIED, "ease": rec.MODEL_KIND_EASE, "mf": rec.MODEL_KIND_MF}
+
+
 def fit(
     interactions: Iterable[Interaction],
     model: str,
     implicit: bool,
     rating_range: tuple[float, float] | None,
     chunk_size: int,
+    kind: str = "",
+    parameters: Mapping[str, float] | None = None,
 ) -> Iterator[rec.FitRequest]:
     """Interactions in chunks of `chunk_size`; the first message also names the model, whether the fit is
-    implicit and the rating scale."""
-    first = rec.FitRequest(model=model, implicit=implicit)
+    implicit, the rating scale, the kind ("ease", "mf"; "": the worker's default) and the
+    hyper-parameters (names of FitParameters' fields)."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind {kind!r} is not one of: ease, mf (or empty for the worker's default)")
+    first = rec.FitRequest(model=model, implicit=implicit, kind=MODEL_KINDS[kind])
+    for name, value in (parameters or {}).items():
+        if name not in rec.FitParameters.DESCRIPTOR.fields_by_name:
+            known = ", ".join(rec.FitParameters.DESCRIPTOR.fields_by_name)
+            raise ValueError(f"{name!r} is not a Fit parameter; the parameters are: {known}")
+        kept = int(value) if name in ("factors", "epochs", "patience", "seed") else float(value)
+        setattr(first.parameters, name, kept)
     if rating_range is not None:  # both bounds, sent even when 0: no range is the worker's default
         first.rating_min, first.rating_max = rating_range
+    return _chunks(first, interactions, chunk_size)
+
+
+def _chunks(
+    first: rec.FitRequest, interactions: Iterable[Interaction], chunk_size: int
+) -> Iterator[rec.FitRequest]:
     chunk: list[rec.Interaction] = []
     sent = False
     for user, item, rating, *stamp in interactions:
@@ -227,6 +247,26 @@ def fit(
             first, chunk, sent = rec.FitRequest(), [], True
     if chunk or not sent:
         yield _with(first, chunk)
+
+
+def recommend(
+    user_id: str,
+    k: int,
+    model: str,
+    include_seen: bool,
+    exclude_items: Iterable[str] = (),
+    candidate_items: Iterable[str] = (),
+    fallback_below: int = 0,
+) -> rec.RecommendRequest:
+    return rec.RecommendRequest(
+        user_id=user_id,
+        k=k,
+        model=model,
+        include_seen=include_seen,
+        exclude_items=list(exclude_items),
+        candidate_items=list(candidate_items),
+        fallback_below=fallback_below,
+    )
 
 
 def fold_in(ratings: Rated, model: str, k: int, include_seen: bool) -> rec.FoldInRequest:

@@ -136,13 +136,28 @@ class SearchResult:
 
 @dataclass(frozen=True)
 class Recommendations:
-    """Item ids, best first; `Hit.score` is the predicted affinity."""
+    """Item ids, best first; `Hit.score` is the model's score (an explicit MF model's predicted rating,
+    within its rating scale). `fallback`: the most popular items were returned instead (the request's
+    `fallback_below`), scored by their interaction counts."""
+
+    items: list[Hit]
+    model: Model
+    fallback: bool = False
+
+    @classmethod
+    def parse(cls, response: rec.RecommendResponse) -> "Recommendations":
+        return cls([Hit.parse(hit) for hit in response.items], Model.parse(response.model), response.fallback)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The score of each item asked for, in the order asked: what Recommend would score it."""
 
     items: list[Hit]
     model: Model
 
     @classmethod
-    def parse(cls, response: rec.RecommendResponse) -> "Recommendations":
+    def parse(cls, response: rec.ScoreResponse) -> "Scores":
         return cls([Hit.parse(hit) for hit in response.items], Model.parse(response.model))
 
 
@@ -210,6 +225,8 @@ class FitProgress:
     users: int
     items: int
     validation_recall_at_10: float
+    validation_ndcg_at_10: float
+    kind: str  # "ease" or "mf"
 
     @classmethod
     def parse(cls, progress: rec.FitProgress) -> "FitProgress":
@@ -224,6 +241,8 @@ class FitProgress:
             users=progress.users,
             items=progress.items,
             validation_recall_at_10=progress.validation_recall_at_10,
+            validation_ndcg_at_10=progress.validation_ndcg_at_10,
+            kind=rec.ModelKind.Name(progress.kind).removeprefix("MODEL_KIND_").lower(),
         )
 
 

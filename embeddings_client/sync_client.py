@@ -20,6 +20,7 @@ from embeddings_client.results import (
     FoldIn,
     ModelInfo,
     Recommendations,
+    Scores,
     SearchResult,
     Similarity,
     UpsertAck,
@@ -212,9 +213,25 @@ class Client:
         k: int = 10,
         model: str = "",
         include_seen: bool = False,
+        exclude_items: Iterable[str] = (),
+        candidate_items: Iterable[str] = (),
+        fallback_below: int = 0,
         timeout_s: float | None = None,
     ) -> Recommendations:
-        return self._unary(calls.recommend(user_id, k, model, include_seen), timeout_s)
+        """The k best items for a known user, best first: never the `exclude_items`, only among the
+        `candidate_items` when given. `fallback_below` > 0: a user with fewer interactions than that (an
+        unknown one has none) gets the most popular items instead, with `fallback` set."""
+        return self._unary(
+            calls.recommend(user_id, k, model, include_seen, exclude_items, candidate_items, fallback_below),
+            timeout_s,
+        )
+
+    def score(
+        self, user_id: str, item_ids: Iterable[str], *, model: str = "", timeout_s: float | None = None
+    ) -> Scores:
+        """The model's score of each item for a known user, in the order given (what Recommend would
+        score it: an explicit MF model's predicted rating, within its scale)."""
+        return self._unary(calls.score(user_id, item_ids, model), timeout_s)
 
     def similar_items(
         self, item_id: str, *, k: int = 10, model: str = "", timeout_s: float | None = None
@@ -243,11 +260,17 @@ class Client:
         implicit: bool = False,
         rating_range: tuple[float, float] | None = None,
         chunk_size: int = 5000,
+        kind: str = "",
+        parameters: Mapping[str, float] | None = None,
         timeout_s: float | None = None,
     ) -> Iterator[FitProgress]:
-        """Train a new version of a user-item model; progress per epoch, the last one `done`. Never
-        retried (a Fit is not idempotent)."""
-        return self._stream(calls.fit(interactions, model, implicit, rating_range, chunk_size), timeout_s)
+        """Train a new version of a user-item model; progress per epoch, the last one `done`. `kind`:
+        "ease" (ranks best), "mf" (predicts ratings) or "" (the worker's default); `parameters`: per-Fit
+        hyper-parameters by FitParameters' field names (l2, factors, epochs, ...). Never retried (a Fit
+        is not idempotent)."""
+        return self._stream(
+            calls.fit(interactions, model, implicit, rating_range, chunk_size, kind, parameters), timeout_s
+        )
 
     def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         return self._unary(calls.list_models(), timeout_s)

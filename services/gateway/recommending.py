@@ -1,4 +1,4 @@
-"""Recommend, SimilarItems, FoldIn and Fit: passed to the user-item worker, its errors kept readable.
+"""Recommend, Score, SimilarItems, FoldIn and Fit: passed to the user-item worker, its errors kept readable.
 
 After a Fit through the gateway the model routes are refreshed at once, so Encode of user and item ids
 uses (and caches under) the new version straight away rather than after the next periodic refresh.
@@ -51,6 +51,9 @@ class Recommendations:
 
     async def recommend(self, request: rec.RecommendRequest, timeout: float) -> rec.RecommendResponse:
         return await self._unary("Recommend", request, timeout)
+
+    async def score(self, request: rec.ScoreRequest, timeout: float) -> rec.ScoreResponse:
+        return await self._unary("Score", request, timeout)
 
     async def similar_items(self, request: rec.SimilarItemsRequest, timeout: float) -> rec.RecommendResponse:
         return await self._unary("SimilarItems", request, timeout)

@@ -103,6 +103,9 @@ class GatewayService(gw_grpc.GatewayServicer):
     ) -> rec.RecommendResponse:
         return await self._recommendations.recommend(request, self._timeout(context))
 
+    async def Score(self, request: rec.ScoreRequest, context: grpc.aio.ServicerContext) -> rec.ScoreResponse:
+        return await self._recommendations.score(request, self._timeout(context))
+
     async def SimilarItems(
         self, request: rec.SimilarItemsRequest, context: grpc.aio.ServicerContext
     ) -> rec.RecommendResponse:

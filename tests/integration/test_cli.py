@@ -279,6 +279,38 @@ def test_fit_then_recommend(address: str, tmp_path: Path) -> None:
     assert unknown_item.returncode == 1 and unknown_item.stderr.startswith("error: NOT_FOUND: ")
 
 
+def test_fit_ease_then_score_and_recommend_with_options(address: str, tmp_path: Path) -> None:
+    file = tmp_path / "ratings.csv"
+    with file.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["user_id", "item_id", "rating"])
+        writer.writerows(ratings())
+    model = ("--model", "cli-ease")
+    fitted = ok_json(
+        embeddings("--json", "fit", file, *model, "--kind", "ease", "--param", "l2=10", address=address)
+    )
+    top = ok_json(embeddings("--json", "recommend", "u0", "-k", "3", *model, address=address))
+    ids = [hit["id"] for hit in top["items"]]
+    scored = ok_json(embeddings("--json", "score", "u0", *ids, *model, address=address))
+    excluded = ok_json(
+        embeddings("--json", "recommend", "u0", "-k", "3", "--exclude", ids[0], *model, address=address)
+    )
+    fallback = ok_json(
+        embeddings(
+            "--json", "recommend", "new-user", "-k", "2", "--fallback-below", "1", *model, address=address
+        )
+    )
+    table = embeddings("recommend", "new-user", "--fallback-below", "1", *model, address=address)
+    bad_param = embeddings("fit", file, *model, "--param", "l2", address=address)
+    assert fitted["done"] and fitted["kind"] == "ease" and fitted["validation_ndcg_at_10"] >= 0
+    assert [hit["id"] for hit in scored["items"]] == ids and not top["fallback"]
+    assert np.allclose([hit["score"] for hit in scored["items"]], [hit["score"] for hit in top["items"]])
+    assert ids[0] not in {hit["id"] for hit in excluded["items"]}
+    assert fallback["fallback"] and len(fallback["items"]) == 2
+    assert table.returncode == 0 and "(popularity fallback)" in " ".join(table.stdout.split())
+    assert bad_param.returncode == 2 and "NAME=NUMBER" in bad_param.stderr
+
+
 def test_usage_errors_exit_2(address: str, tmp_path: Path) -> None:
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("name,words\na,b\n")

@@ -152,6 +152,40 @@ def test_fit_streams_progress_then_recommend_uses_the_new_version(
     assert len(with_seen.items) == 10
 
 
+def test_ease_fit_score_and_recommend_options_through_the_gateway(client: Client) -> None:
+    progress = list(client.fit(ratings(), model="client-ease", kind="ease", parameters={"l2": 10.0}))
+    assert progress[-1].done and progress[-1].kind == "ease" and progress[-1].model is not None
+    recommended = client.recommend("u0", k=4, model="client-ease")
+    scored = client.score("u0", [hit.id for hit in recommended.items], model="client-ease")
+    assert [hit.id for hit in scored.items] == [hit.id for hit in recommended.items]
+    assert np.allclose([h.score for h in scored.items], [h.score for h in recommended.items], atol=1e-5)
+    assert scored.model.version == recommended.model.version == progress[-1].model.version
+    top = recommended.items[0].id
+    excluded = client.recommend("u0", k=4, model="client-ease", exclude_items=[top])
+    assert top not in {hit.id for hit in excluded.items}
+    kept = client.recommend("u0", k=4, model="client-ease", candidate_items=["i7", "i8"])
+    assert {hit.id for hit in kept.items} <= {"i7", "i8"} and not kept.fallback
+    fallback = client.recommend("somebody-new", k=3, model="client-ease", fallback_below=1)
+    assert fallback.fallback and len(fallback.items) == 3
+    with pytest.raises(NotFound, match="no-such-item"):
+        client.score("u0", ["no-such-item"], model="client-ease")
+    with pytest.raises(InvalidArgument, match=r"parameters\.l2"):
+        list(client.fit(ratings(), model="client-ease", kind="ease", parameters={"l2": -1.0}))
+    with pytest.raises(ValueError, match="not a Fit parameter"):
+        client.fit(ratings(), model="client-ease", parameters={"lambda": 1.0})
+
+
+def test_explicit_scores_stay_inside_the_rating_scale(client: Client, fitted: list[FitProgress]) -> None:
+    items = [f"i{n}" for n in range(10)]
+    for user in ("u0", "u5", "u11"):
+        scored = client.score(user, items, model=MODEL)
+        assert [hit.id for hit in scored.items] == items
+        assert all(0.5 <= hit.score <= 5.0 for hit in scored.items)
+        recommended = client.recommend(user, k=3, model=MODEL)
+        by_id = {hit.id: hit.score for hit in scored.items}
+        assert np.allclose([by_id[hit.id] for hit in recommended.items], [h.score for h in recommended.items])
+
+
 def test_encode_stream_answers_each_batch_in_order(client: Client) -> None:
     texts = [["stream: a cat", "stream: a dog"], ["stream: stocks fell"]]
     photo = image_files.photo("chelsea", "JPEG")
