@@ -276,3 +276,15 @@ async def test_per_fit_parameters_replace_the_workers_settings(worker: Worker) -
     assert [p.epoch for p in progress[:-1]] == [1, 2] and progress[-1].epochs == 2
     model = worker.catalog.get("")
     assert model.factors == 4 and model.metrics.validation_recall_at_10 == 0.0
+
+
+async def test_mf_epochs_report_ranking_figures_and_implicit_fits_keep_the_best_ndcg(worker: Worker) -> None:
+    truth = planted(implicit=True, seed=8)
+    progress = await _fit(worker, _messages(truth, kind=rec.MODEL_KIND_MF, implicit=True))
+    *epochs, done = progress
+    assert epochs and all(p.validation_recall_at_10 > 0 and p.validation_ndcg_at_10 > 0 for p in epochs)
+    assert all(p.kind == rec.MODEL_KIND_MF for p in progress)
+    assert done.validation_ndcg_at_10 == max(p.validation_ndcg_at_10 for p in epochs)
+    assert done.epoch == next(
+        p.epoch for p in epochs if p.validation_ndcg_at_10 == done.validation_ndcg_at_10
+    )
