@@ -2,6 +2,7 @@
 Score agreeing with Recommend, predictions inside the declared scale, Recommend's exclude / candidates /
 popularity fallback, FoldIn, and the Fit's per-request kind and hyper-parameters."""
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from services.useritem.ease import EaseConfig, item_weights, train_ease
 from services.useritem.interactions import Dataset, InteractionBuffer
 from services.useritem.model import EASE, MF, TrainedModel
 from services.useritem.ranking import ranking_figures
-from services.useritem.training import split
+from services.useritem.training import FitCancelled, split
+from tests.unit.test_useritem_fitting import WAIT_S, _Held, _restarted, _state
 from tests.unit.test_useritem_service import _CONTEXT, Worker, _fit, _messages, _worker
 from tests.unit.useritem_data import Planted, planted, rules
 
@@ -288,3 +290,33 @@ async def test_mf_epochs_report_ranking_figures_and_implicit_fits_keep_the_best_
     assert done.epoch == next(
         p.epoch for p in epochs if p.validation_ndcg_at_10 == done.validation_ndcg_at_10
     )
+
+
+def test_a_cancelled_ease_solve_stops_with_fit_cancelled() -> None:
+    cancelled = threading.Event()
+    cancelled.set()
+    with pytest.raises(FitCancelled):
+        train_ease(tastes(), EaseConfig(50.0, 0.2, 0), True, (0.5, 5.0), lambda _: None, cancelled)
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["before the write", "after the write"])
+async def test_an_ease_fit_whose_caller_leaves_before_promotion_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before: bool
+) -> None:
+    fresh = _worker(tmp_path, default_kind="ease")
+    try:
+        await _fit(fresh, _messages(planted(seed=7)))
+        serving = _state(fresh)
+        held = _Held(monkeypatch, "stage", before)
+        task = asyncio.create_task(_fit(fresh, _messages(planted(seed=8))))
+        await held.wait_reached()
+        task.cancel()
+        held.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.run_in_executor(fresh.fitter._thread, lambda: None), WAIT_S)
+        assert _state(fresh) == serving and _restarted(fresh) == serving["serving"]
+        assert fresh.catalog.get("").kind == EASE
+    finally:
+        fresh.close()
