@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common.durable import fsync_dir, write_synced
+from services.common.durable import fsync_dir, write_parts_synced, write_synced
 from services.useritem.model import MF, Metrics, TrainedModel
 
 log = logging.getLogger("useritem.store")
@@ -41,11 +41,15 @@ _TEMPORARY = ".tmp-"  # a version being written
 _STAGED = ".staged-"  # a version written in full, not promoted
 
 
-def _npy(array: np.ndarray) -> memoryview:
-    """The .npy file's bytes, without a second copy (an EASE matrix is hundreds of megabytes)."""
-    buffer = BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getbuffer()
+def _npy(array: np.ndarray) -> list[bytes | memoryview]:
+    """The .npy file of `array` (what np.save writes) as its header and the array's own memory: an EASE
+    matrix is hundreds of megabytes, and np.save into a buffer would hold two more copies of it."""
+    contiguous = np.require(array, requirements="C")  # (ascontiguousarray would make a 0-d array 1-d)
+    header = BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(contiguous))
+    if not contiguous.nbytes:
+        return [header.getvalue()]
+    return [header.getvalue(), contiguous.reshape(-1).data.cast("B")]
 
 
 class ModelStore:
@@ -201,7 +205,8 @@ def _intact(folder: Path) -> bool:
 def _write(folder: Path, model: TrainedModel) -> None:
     present = [name for name in (*_ARRAYS, *_EASE_ARRAYS) if getattr(model, name) is not None]
     sums = {
-        f"{name}.npy": write_synced(folder / f"{name}.npy", _npy(getattr(model, name))) for name in present
+        f"{name}.npy": write_parts_synced(folder / f"{name}.npy", _npy(getattr(model, name)))
+        for name in present
     }
     sums["ids.json"] = write_synced(
         folder / "ids.json", json.dumps({"users": model.users, "items": model.items}).encode()
@@ -223,18 +228,26 @@ def _write(folder: Path, model: TrainedModel) -> None:
     write_synced(folder / "meta.json", json.dumps(meta, indent=1).encode())
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def load(folder: Path) -> TrainedModel:
     """One saved version; ValueError when a file's checksum does not match."""
     meta = json.loads((folder / "meta.json").read_text())
-    blobs: dict[str, bytes] = {}
-    for name, digest in meta["sha256"].items():
-        blob = (folder / name).read_bytes()
-        if hashlib.sha256(blob).hexdigest() != digest:
-            raise ValueError(f"{name} does not match its checksum")
-        blobs[name] = blob
-    names = [*_ARRAYS, *(name for name in _EASE_ARRAYS if f"{name}.npy" in blobs)]
-    arrays = {name: np.load(BytesIO(blobs[f"{name}.npy"]), allow_pickle=False) for name in names}
-    ids = json.loads(blobs["ids.json"])
+    sums = meta["sha256"]
+    names = [*_ARRAYS, *(name for name in _EASE_ARRAYS if f"{name}.npy" in sums)]
+    # Checksums read the files in chunks, and each array is read once, into itself: an EASE matrix is
+    # hundreds of megabytes, which whole-file bytes and a parsed copy would double.
+    for file in [f"{name}.npy" for name in names] + ["ids.json"]:
+        if _sha256(folder / file) != sums[file]:
+            raise ValueError(f"{file} does not match its checksum")
+    arrays = {name: np.load(folder / f"{name}.npy", allow_pickle=False) for name in names}
+    ids = json.loads((folder / "ids.json").read_bytes())
     model = TrainedModel(
         name=meta["name"],
         implicit=meta["implicit"],

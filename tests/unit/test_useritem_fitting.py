@@ -186,10 +186,10 @@ _EIO = OSError(errno.EIO, os.strerror(errno.EIO), "/secret/data/dir/mf/CURRENT.t
 # (case, the function of store.py to break, which call fails, the error): a write fails before the
 # commit point (CURRENT replaced), so the Fit fails and nothing changes
 _BEFORE_COMMIT: list[tuple[str, str, Callable[..., bool], OSError]] = [
-    ("the first array", "write_synced", _nth(1), _ENOSPC),
-    ("ids.json", "write_synced", _nth(7), _ENOSPC),
-    ("meta.json", "write_synced", _nth(8), _EIO),
-    ("CURRENT.tmp", "write_synced", _nth(9), _ENOSPC),
+    ("the first array", "write_parts_synced", _nth(1), _ENOSPC),
+    ("ids.json", "write_synced", _nth(1), _ENOSPC),
+    ("meta.json", "write_synced", _nth(2), _EIO),
+    ("CURRENT.tmp", "write_synced", _nth(3), _ENOSPC),
     ("the version folder's fsync", "fsync_dir", _nth(1), _EIO),
     ("the staged folder's rename", "replace", lambda src, dst: Path(dst).name.startswith(".staged-"), _EIO),
     ("CURRENT's rename", "replace", lambda src, dst: Path(dst).name == "CURRENT", _EIO),
