@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from embeddings.v1 import encoder_pb2 as enc
-from embeddings.v1 import encoder_pb2_grpc, gateway_pb2_grpc
+from embeddings.v1 import encoder_pb2_grpc, gateway_pb2_grpc, recommender_pb2_grpc
 from embeddings.v1 import recommender_pb2 as rec
 from embeddings.v1 import types_pb2 as pb
 
@@ -283,11 +283,21 @@ def all_ids() -> list[pb.Input]:
 # --- before any Fit --------------------------------------------------------------------------------------
 
 
-def test_recommend_before_any_fit_asks_for_a_fit(stub: Stub) -> None:
-    error = rpc_error(lambda: recommend(stub, user_id(0)))
+def test_recommend_before_any_fit_asks_for_a_fit(tmp_path: Path, log_dir: Path) -> None:
+    # a worker of its own: the module's worker may already have been fitted by a test run before this one
+    worker = useritem_worker(tmp_path / "data", WORKER_ENV, log_dir)
+    worker.name = "useritem-unfitted"
+    try:
+        worker.start()
+        worker.wait_serving()
+        with grpc.insecure_channel(worker.address) as channel:
+            error = rpc_error(lambda: recommend(recommender_pb2_grpc.RecommenderStub(channel), user_id(0)))
+            listed = encoder_pb2_grpc.EncoderStub(channel).ListModels(enc.ListModelsRequest(), timeout=5)
+    finally:
+        worker.stop()
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
     assert "call Fit" in error.details() and repr(DEFAULT_MODEL) in error.details()
-    assert not stub.ListModels(enc.ListModelsRequest(), timeout=5).models
+    assert not listed.models
 
 
 # --- Fit from a stream -----------------------------------------------------------------------------------
