@@ -365,7 +365,8 @@ def scenario(stack: Stack, report: Report, address: str, token: str) -> None:
 
         def fit() -> None:
             try:
-                for step in client.fit(big, model=MODEL, timeout_s=600):
+                # MF: epochs to be killed between (an EASE Fit of 2,000 items reports once, then is done)
+                for step in client.fit(big, model=MODEL, kind="mf", timeout_s=600):
                     epochs.append(step)
             except BaseException as error:  # expected: the worker is killed
                 failed.append(error)
