@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from embeddings.v1 import content_pb2 as cpb
 from embeddings.v1 import recommender_pb2 as rec
 from embeddings.v1 import recommender_pb2_grpc as rec_grpc
 from google.protobuf.message import Message
@@ -60,6 +61,9 @@ class Recommendations:
 
     async def fold_in(self, request: rec.FoldInRequest, timeout: float) -> rec.FoldInResponse:
         return await self._unary("FoldIn", request, timeout)
+
+    async def fold_in_items(self, request: cpb.FoldInItemsRequest, timeout: float) -> cpb.FoldInItemsResponse:
+        return await self._unary("FoldInItems", request, timeout)
 
     async def fit(
         self, requests: AsyncIterator[rec.FitRequest], timeout: float

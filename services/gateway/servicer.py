@@ -5,12 +5,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+from embeddings.v1 import content_pb2 as cpb
 from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import gateway_pb2 as gw
 from embeddings.v1 import gateway_pb2_grpc as gw_grpc
 from embeddings.v1 import recommender_pb2 as rec
 
 from services.common.streaming import ordered_pipeline
+from services.gateway.cold_start import ColdStart
 from services.gateway.encoding import Encoding
 from services.gateway.indexing import Indexer
 from services.gateway.recommending import Recommendations
@@ -30,6 +32,7 @@ class GatewayService(gw_grpc.GatewayServicer):
         similarities: Similarities,
         indexer: Indexer,
         recommendations: Recommendations,
+        cold_start: ColdStart,
         settings: GatewaySettings,
     ) -> None:
         self._router = router
@@ -37,6 +40,7 @@ class GatewayService(gw_grpc.GatewayServicer):
         self._similarities = similarities
         self._indexer = indexer
         self._recommendations = recommendations
+        self._cold_start = cold_start
         self._settings = settings
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
@@ -116,10 +120,16 @@ class GatewayService(gw_grpc.GatewayServicer):
     ) -> rec.FoldInResponse:
         return await self._recommendations.fold_in(request, self._timeout(context))
 
+    async def FoldInItems(
+        self, request: cpb.FoldInItemsRequest, context: grpc.aio.ServicerContext
+    ) -> cpb.FoldInItemsResponse:
+        return await self._cold_start.fold_in_items(request, self._timeout(context))
+
     async def Fit(
         self, request_iterator: AsyncIterator[rec.FitRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[rec.FitProgress]:
         remaining = context.time_remaining()
         timeout = self._settings.fit_timeout_s if remaining is None else remaining
-        async for progress in self._recommendations.fit(request_iterator, timeout):
+        requests = self._cold_start.fit_requests(request_iterator, timeout)
+        async for progress in self._recommendations.fit(requests, timeout):
             yield progress

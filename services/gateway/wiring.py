@@ -16,6 +16,7 @@ from services.common.tls import read_pem
 from services.gateway.cache import RedisAccess, VectorCache
 from services.gateway.channels import BackendChannels, token_setting
 from services.gateway.choosing import ModelChooser
+from services.gateway.cold_start import ColdStart, ContentEncoder
 from services.gateway.discovery import SrvDiscovery
 from services.gateway.encoding import CachingEncoder, Encoding
 from services.gateway.index_backend import IndexBackend
@@ -95,6 +96,12 @@ class Gateway:
             Similarities(models, encoder, settings.max_inputs_per_request),
             Indexer(self.router, models, encoder, self.index, settings),
             self.recommendations,
+            ColdStart(
+                ContentEncoder(models, encoder, settings.max_inputs_per_request),
+                self.recommendations,
+                self.router,
+                settings.max_inputs_per_request,
+            ),
             settings,
         )
 

@@ -23,7 +23,7 @@ import errno
 import logging
 import math
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -31,6 +31,8 @@ from embeddings.v1 import recommender_pb2 as rec
 
 from services.common.errors import Aborted, Internal, InvalidArgument, ResourceExhausted, ServiceError
 from services.useritem.catalog import Catalog, check_model_name
+from services.useritem.cold_items import check_content, check_content_items, with_content_map
+from services.useritem.content_map import ContentBuffer
 from services.useritem.ease import EaseConfig, build_ease_model, train_ease
 from services.useritem.interactions import Dataset, FitRules, InteractionBuffer, read_file, resolve_fit_file
 from services.useritem.model import EASE, MF, TrainedModel
@@ -145,6 +147,16 @@ class Fitter:
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
 
+    @property
+    def busy(self) -> bool:
+        """A Fit is running (from its first message to its last)."""
+        return self._busy
+
+    async def save(self, model: TrainedModel) -> None:
+        """Write and promote a version that needs no Fit (FoldInItems'), on the fit thread like every
+        job that touches the models on disk."""
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._store.save, model)
+
     def plan(self, first: rec.FitRequest) -> FitPlan:
         name = first.model or self._catalog.default
         check_model_name(name)
@@ -227,25 +239,37 @@ class Fitter:
             if first is None:
                 raise InvalidArgument("the Fit stream had no messages: send interactions, or a path first")
             plan = self.plan(first)
-            data = await self._read(first, requests, plan)
-            async for progress in self._train(plan, data):
+            content = ContentBuffer(self._settings.max_ids, self._settings.max_id_bytes)
+            data = await self._read(first, requests, plan, content)
+            async for progress in self._train(plan, data, content):
                 yield progress
         finally:
             self._busy = False
 
     async def _read(
-        self, first: rec.FitRequest, requests: AsyncIterator[rec.FitRequest], plan: FitPlan
+        self,
+        first: rec.FitRequest,
+        requests: AsyncIterator[rec.FitRequest],
+        plan: FitPlan,
+        content: ContentBuffer,
     ) -> Dataset:
         loop = asyncio.get_running_loop()
         rules = self.rules(plan)
+        add_content = self._content_reader(plan, content)
+        await add_content(first)
         if first.path:
             if first.interactions:
                 raise InvalidArgument(
                     "the first FitRequest has both a path and interactions: send one or the other"
                 )
             path = resolve_fit_file(self._settings.fit_dir, first.path)
-            if await self._next(requests) is not None:
-                raise InvalidArgument("a Fit from a file takes one message; it had more")
+            while (request := await self._next(requests)) is not None:
+                if not request.item_content or request.interactions or _changes_plan(request, plan, first):
+                    raise InvalidArgument(
+                        "a Fit from a file takes one message; it had more (after the first, only messages of "
+                        "item_content)"
+                    )
+                await add_content(request)
             return await loop.run_in_executor(self._thread, read_file, path, rules, first.path)
         buffer = InteractionBuffer(rules)
         await loop.run_in_executor(self._thread, buffer.add, first.interactions)
@@ -258,10 +282,29 @@ class Fitter:
                     "repeat them)"
                 )
             await loop.run_in_executor(self._thread, buffer.add, request.interactions)
+            await add_content(request)
             number += 1
         return await loop.run_in_executor(self._thread, buffer.dataset)
 
-    async def _train(self, plan: FitPlan, data: Dataset) -> AsyncIterator[rec.FitProgress]:
+    def _content_reader(
+        self, plan: FitPlan, content: ContentBuffer
+    ) -> Callable[[rec.FitRequest], Awaitable[None]]:
+        """What takes each message's item content into `content` (on the fit thread: decoding thousands of
+        vectors is not for the event loop)."""
+        loop = asyncio.get_running_loop()
+
+        async def add(request: rec.FitRequest) -> None:
+            if request.item_content or request.content_space:
+                check_content(plan.kind)
+                await loop.run_in_executor(
+                    self._thread, content.add, request.item_content, request.content_space
+                )
+
+        return add
+
+    async def _train(
+        self, plan: FitPlan, data: Dataset, content: ContentBuffer
+    ) -> AsyncIterator[rec.FitProgress]:
         loop = asyncio.get_running_loop()
         reports: asyncio.Queue[EpochReport | None] = asyncio.Queue()
         cancelled = threading.Event()
@@ -273,6 +316,7 @@ class Fitter:
                 f"{self._settings.ease_max_items} (USERITEM_EASE_MAX_ITEMS: its memory grows with the square "
                 "of the item count). Fit kind MODEL_KIND_MF instead, or fewer items"
             )
+        learns_map = check_content_items(content, data.items)
         log.info(
             "fit %s (%s): %d interactions (%d duplicates merged), %d users, %d items, %s",
             plan.model,
@@ -311,6 +355,8 @@ class Fitter:
                 model = build_model(
                     plan.model, data, parameters, metrics, plan.implicit, plan.scale, config.l2, unit
                 )
+                if learns_map:
+                    model = with_content_map(model, content)
             self._store.stage(model)
             return model
 
@@ -345,6 +391,7 @@ class Fitter:
             validation_recall_at_10=metrics.validation_recall_at_10,
             validation_ndcg_at_10=metrics.validation_ndcg_at_10,
             kind=KIND_NUMBERS[model.kind],
+            content_map=model.content_map.info() if model.content_map is not None else None,
         )
 
     async def _promote(self, model: TrainedModel) -> None:

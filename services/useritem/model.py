@@ -20,6 +20,7 @@ from embeddings.v1 import types_pb2 as pb
 
 from services.common.model_card import ModelCard
 from services.common.topk import top_k_of
+from services.useritem.content_map import ContentMap
 from services.useritem.scale import interaction_weights
 
 MF = "mf"
@@ -62,6 +63,7 @@ class TrainedModel:
     kind: str = MF
     item_weights: np.ndarray | None = None  # EASE: float32 [items, items], B
     seen_weights: np.ndarray | None = None  # EASE: float32, each seen item's interaction weight
+    content_map: ContentMap | None = None  # MF fitted with item content: content vectors -> item vectors
 
     @cached_property
     def version(self) -> str:
@@ -85,6 +87,9 @@ class TrainedModel:
             settings += (self.rating_unit,)
         if self.kind != MF:  # as do MF versions, trained before there were kinds
             settings += (self.kind,)
+        if self.content_map is not None:  # and versions without a content map
+            digest.update(np.ascontiguousarray(self.content_map.weights).data)
+            settings += (self.content_map.space,)
         digest.update(repr(settings).encode())
         return digest.hexdigest()[:16]
 

@@ -7,6 +7,7 @@ from typing import TypeVar
 
 import grpc
 import numpy as np
+from embeddings.v1 import content_pb2 as cpb
 from embeddings.v1 import recommender_pb2 as rec
 from embeddings.v1 import recommender_pb2_grpc as rec_grpc
 from embeddings.v1 import types_pb2 as pb
@@ -15,6 +16,7 @@ from services.common.errors import InvalidArgument, NotFound
 from services.common.topk import check_k
 from services.common.vectors import to_wire
 from services.useritem.catalog import Catalog, item_row, user_row
+from services.useritem.cold_items import ColdItems
 from services.useritem.fitting import Fitter
 from services.useritem.interactions import check_rating
 from services.useritem.model import Ranked, TrainedModel
@@ -46,6 +48,7 @@ class RecommenderService(rec_grpc.RecommenderServicer):
         self._catalog = catalog
         self._fitter = fitter
         self._settings = settings
+        self._cold_items = ColdItems(catalog, fitter, settings)
         # Scoring a large catalogue takes milliseconds of numpy (which releases the GIL): off the loop.
         self._serving = ThreadPoolExecutor(2, thread_name_prefix="serve")
 
@@ -159,6 +162,11 @@ class RecommenderService(rec_grpc.RecommenderServicer):
                 f"(version {model.version}): {_shown(unknown)}; leave them out"
             )
         return np.fromiter(latest, dtype=np.int64), np.array(list(latest.values()), dtype=np.float32)
+
+    async def FoldInItems(
+        self, request: cpb.FoldInItemsRequest, context: grpc.aio.ServicerContext
+    ) -> cpb.FoldInItemsResponse:
+        return await self._cold_items.fold_in(request)
 
     async def Fit(
         self, request_iterator: AsyncIterator[rec.FitRequest], context: grpc.aio.ServicerContext

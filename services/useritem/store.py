@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from services.common.durable import fsync_dir, write_parts_synced, write_synced
+from services.useritem.content_map import ContentMap
 from services.useritem.model import MF, Metrics, TrainedModel
 
 log = logging.getLogger("useritem.store")
@@ -208,6 +209,11 @@ def _write(folder: Path, model: TrainedModel) -> None:
         f"{name}.npy": write_parts_synced(folder / f"{name}.npy", _npy(getattr(model, name)))
         for name in present
     }
+    content = model.content_map
+    if content is not None:
+        sums["content_weights.npy"] = write_parts_synced(
+            folder / "content_weights.npy", _npy(content.weights)
+        )
     sums["ids.json"] = write_synced(
         folder / "ids.json", json.dumps({"users": model.users, "items": model.items}).encode()
     )
@@ -225,6 +231,13 @@ def _write(folder: Path, model: TrainedModel) -> None:
         "metrics": dataclasses.asdict(model.metrics),
         "sha256": sums,
     }
+    if content is not None:
+        meta["content_map"] = {
+            "space": content.space,
+            "l2": content.l2,
+            "items": content.items,
+            "r2": content.r2,
+        }
     write_synced(folder / "meta.json", json.dumps(meta, indent=1).encode())
 
 
@@ -241,13 +254,24 @@ def load(folder: Path) -> TrainedModel:
     meta = json.loads((folder / "meta.json").read_text())
     sums = meta["sha256"]
     names = [*_ARRAYS, *(name for name in _EASE_ARRAYS if f"{name}.npy" in sums)]
+    has_map = "content_map" in meta
     # Checksums read the files in chunks, and each array is read once, into itself: an EASE matrix is
     # hundreds of megabytes, which whole-file bytes and a parsed copy would double.
-    for file in [f"{name}.npy" for name in names] + ["ids.json"]:
+    for file in [f"{name}.npy" for name in names] + ["content_weights.npy"] * has_map + ["ids.json"]:
         if _sha256(folder / file) != sums[file]:
             raise ValueError(f"{file} does not match its checksum")
     arrays = {name: np.load(folder / f"{name}.npy", allow_pickle=False) for name in names}
     ids = json.loads((folder / "ids.json").read_bytes())
+    content_map = None
+    if has_map:
+        described = meta["content_map"]
+        content_map = ContentMap(
+            space=described["space"],
+            weights=np.load(folder / "content_weights.npy", allow_pickle=False),
+            l2=described["l2"],
+            items=described["items"],
+            r2=described["r2"],
+        )
     model = TrainedModel(
         name=meta["name"],
         implicit=meta["implicit"],
@@ -261,6 +285,7 @@ def load(folder: Path) -> TrainedModel:
         l2=meta["l2"],
         rating_unit=meta.get("rating_unit", 1.0),
         kind=meta.get("kind", MF),
+        content_map=content_map,
         **arrays,
     )
     if model.version != meta["version"]:
