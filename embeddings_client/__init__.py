@@ -10,6 +10,7 @@ with Client("localhost:50051") as client:
 """
 
 from embeddings_client.async_client import AsyncClient
+from embeddings_client.cold_start import FoldedItems
 from embeddings_client.connection import Connection
 from embeddings_client.errors import (
     AlreadyExists,
@@ -28,6 +29,7 @@ from embeddings_client.errors import (
 )
 from embeddings_client.messages import Item
 from embeddings_client.results import (
+    ContentMap,
     Deleted,
     Dropped,
     Embeddings,
@@ -51,6 +53,7 @@ __all__ = [
     "Cancelled",
     "Client",
     "Connection",
+    "ContentMap",
     "DeadlineExceeded",
     "Deleted",
     "Dropped",
@@ -59,6 +62,7 @@ __all__ = [
     "FailedPrecondition",
     "FitProgress",
     "FoldIn",
+    "FoldedItems",
     "Hit",
     "Internal",
     "InvalidArgument",

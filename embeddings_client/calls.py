@@ -7,13 +7,15 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+from embeddings.v1 import content_pb2 as cpb
 from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import gateway_pb2 as gw
 from embeddings.v1 import recommender_pb2 as rec
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
-from embeddings_client import messages
+from embeddings_client import cold_start, messages
+from embeddings_client.cold_start import Content, FoldedItems
 from embeddings_client.messages import ImageSource, Interaction, Item, Query, Rated
 from embeddings_client.results import (
     Deleted,
@@ -182,6 +184,11 @@ def fold_in(ratings: Rated, k: int, model: str, include_seen: bool) -> Unary[Fol
     return Unary(GATEWAY + "FoldIn", request, rec.FoldInResponse, FoldIn.parse)
 
 
+def fold_in_items(items: Mapping[str, Content], model: str, content_space: str) -> Unary[FoldedItems]:
+    request = cold_start.fold_in_items(items, model, content_space)
+    return Unary(GATEWAY + "FoldInItems", request, cpb.FoldInItemsResponse, FoldedItems.parse)
+
+
 def fit(
     interactions: Iterable[Interaction],
     model: str,
@@ -190,8 +197,14 @@ def fit(
     chunk_size: int,
     kind: str = "",
     parameters: Mapping[str, float] | None = None,
+    item_content: Mapping[str, Content] | None = None,
+    content_space: str = "",
 ) -> Streaming[FitProgress]:
-    requests = messages.fit(interactions, model, implicit, rating_range, chunk_size, kind, parameters)
+    requests = cold_start.with_content(
+        messages.fit(interactions, model, implicit, rating_range, chunk_size, kind, parameters),
+        item_content,
+        content_space,
+    )
     return Streaming(GATEWAY + "Fit", requests, rec.FitProgress, FitProgress.parse)
 
 

@@ -30,6 +30,7 @@ except ImportError as missing:  # the client was installed without its `cli` ext
     ) from missing
 
 from embeddings_client import bulk
+from embeddings_client.cli_content import content_file, content_map_text, content_pair
 from embeddings_client.connection import DEFAULT_ADDRESS
 from embeddings_client.errors import EmbeddingsError
 from embeddings_client.messages import KINDS, Interaction, Query
@@ -308,7 +309,13 @@ def fit(client: Client, args: argparse.Namespace, out: Output) -> int:
     epochs = []
     parameters = dict(_parameter(pair) for pair in args.param)
     fitting = client.fit(
-        interactions, model=args.model, implicit=args.implicit, kind=args.kind, parameters=parameters
+        interactions,
+        model=args.model,
+        implicit=args.implicit,
+        kind=args.kind,
+        parameters=parameters,
+        item_content=content_file(args.content) if args.content else None,
+        content_space=args.content_space,
     )
     for progress in fitting:
         epochs.append(asdict(progress))
@@ -319,6 +326,8 @@ def fit(client: Client, args: argparse.Namespace, out: Output) -> int:
                 f"{progress.validation_rmse:.4f}, recall@10 {progress.validation_recall_at_10:.3f}, "
                 f"NDCG@10 {progress.validation_ndcg_at_10:.3f} (epoch {progress.epoch})"
             )
+            if progress.content_map is not None:
+                out.line(content_map_text(progress.content_map))
         else:
             out.line(
                 f"epoch {progress.epoch}/{progress.epochs}: loss {progress.train_loss:.4f}, "
@@ -400,6 +409,20 @@ def fold_in(client: Client, args: argparse.Namespace, out: Output) -> int:
         "items": [asdict(hit) for hit in result.items],
     }
     out.emit(document, lambda console: console.print(hits_table(result.items, model_text(result.model))))
+    return EXIT_OK
+
+
+def fold_in_items(client: Client, args: argparse.Namespace, out: Output) -> int:
+    items = dict(content_pair(pair) for pair in args.items)
+    result = client.fold_in_items(items, model=args.model, content_space=args.content_space)
+    document = {"model": asdict(result.model), "added": result.added, "vectors": result.vectors}
+    out.emit(
+        document,
+        lambda console: console.print(
+            f"{model_text(result.model)}: {len(items)} items folded in ({result.added} new), "
+            f"{result.vectors.shape[1] if result.vectors.size else 0}-d vectors"
+        ),
+    )
     return EXIT_OK
 
 
@@ -585,6 +608,17 @@ def parser() -> argparse.ArgumentParser:
         "validation_fraction, seed), repeatable",
     )
 
+    sub.add_argument(
+        "--content",
+        type=Path,
+        metavar="CSV",
+        help="item content, a CSV of item_id,text[,image] (image: a file path): an mf Fit learns a content "
+        "map from it, for fold-in-items",
+    )
+    sub.add_argument(
+        "--content-space", default="", help="the space to encode the content in (default: the text model's)"
+    )
+
     sub = command("recommend", recommend, "Items for a known user.")
     sub.add_argument("user", metavar="USER")
     sub.add_argument("-k", type=int, default=10, help="items to return (default %(default)s)")
@@ -617,6 +651,22 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("-k", type=int, default=10, help="items to return (default %(default)s)")
     sub.add_argument("--model", default="", help="the user-item model (default: the gateway's)")
     sub.add_argument("--include-seen", action="store_true", help="also the items rated here")
+
+    sub = command(
+        "fold-in-items",
+        fold_in_items,
+        "New items recommendable at once from their content (a text, or @path of an image), without retraining.",
+    )
+    sub.add_argument(
+        "items",
+        nargs="+",
+        metavar="ITEM=CONTENT",
+        help="e.g. 'tt01=A heist film (2024)' or 'tt02=@poster.jpg'",
+    )
+    sub.add_argument("--model", default="", help="the user-item model (default: the gateway's)")
+    sub.add_argument(
+        "--content-space", default="", help="the space of the content (default: the text model's)"
+    )
 
     command("models", models, "The models behind the gateway.")
 

@@ -212,6 +212,18 @@ class Dropped:
 
 
 @dataclass(frozen=True)
+class ContentMap:
+    """What a Fit with item content learnt: a map from content vectors of `space` (`dimension`-d) to item
+    vectors, from `items` items, its penalty `l2` and its leave-one-out R^2."""
+
+    space: str
+    dimension: int
+    items: int
+    l2: float
+    r2: float
+
+
+@dataclass(frozen=True)
 class FitProgress:
     """One epoch of a Fit; the last one (`done`) names the new version and what it learnt from."""
 
@@ -227,9 +239,11 @@ class FitProgress:
     validation_recall_at_10: float
     validation_ndcg_at_10: float
     kind: str  # "ease" or "mf"
+    content_map: ContentMap | None = None  # the last message of a Fit with item content
 
     @classmethod
     def parse(cls, progress: rec.FitProgress) -> "FitProgress":
+        learnt = progress.content_map if progress.HasField("content_map") else None
         return cls(
             epoch=progress.epoch,
             epochs=progress.epochs,
@@ -243,6 +257,9 @@ class FitProgress:
             validation_recall_at_10=progress.validation_recall_at_10,
             validation_ndcg_at_10=progress.validation_ndcg_at_10,
             kind=rec.ModelKind.Name(progress.kind).removeprefix("MODEL_KIND_").lower(),
+            content_map=ContentMap(learnt.space, learnt.dimension, learnt.items, learnt.l2, learnt.r2)
+            if learnt is not None
+            else None,
         )
 
 

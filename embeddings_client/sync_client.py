@@ -9,6 +9,7 @@ import numpy as np
 
 from embeddings_client import calls
 from embeddings_client.calls import Out, Streaming, Unary
+from embeddings_client.cold_start import Content, FoldedItems
 from embeddings_client.connection import DEFAULT_ADDRESS, Connection, ConnectionOptions
 from embeddings_client.errors import from_rpc_error
 from embeddings_client.messages import ImageSource, Interaction, Item, Query, Rated
@@ -262,15 +263,43 @@ class Client:
         chunk_size: int = 5000,
         kind: str = "",
         parameters: Mapping[str, float] | None = None,
+        item_content: Mapping[str, Content] | None = None,
+        content_space: str = "",
         timeout_s: float | None = None,
     ) -> Iterator[FitProgress]:
         """Train a new version of a user-item model; progress per epoch, the last one `done`. `kind`:
         "ease" (ranks best), "mf" (predicts ratings) or "" (the worker's default); `parameters`: per-Fit
-        hyper-parameters by FitParameters' field names (l2, factors, epochs, ...). Never retried (a Fit
-        is not idempotent)."""
+        hyper-parameters by FitParameters' field names (l2, factors, epochs, ...). `item_content`:
+        {item id: its text, image(s) or content vector}, from which a Fit of kind "mf" also learns a
+        content map (for `fold_in_items`), encoded in `content_space` (default: the text model's). Never
+        retried (a Fit is not idempotent)."""
         return self._stream(
-            calls.fit(interactions, model, implicit, rating_range, chunk_size, kind, parameters), timeout_s
+            calls.fit(
+                interactions,
+                model,
+                implicit,
+                rating_range,
+                chunk_size,
+                kind,
+                parameters,
+                item_content,
+                content_space,
+            ),
+            timeout_s,
         )
+
+    def fold_in_items(
+        self,
+        items: Mapping[str, Content],
+        *,
+        model: str = "",
+        content_space: str = "",
+        timeout_s: float | None = None,
+    ) -> FoldedItems:
+        """New items, recommendable at once from their content alone ({item id: its text, image(s) or
+        content vector}), through the content map the model's last Fit learnt: their vectors, in the new
+        model version that holds them. The next Fit replaces them with learnt vectors."""
+        return self._unary(calls.fold_in_items(items, model, content_space), timeout_s)
 
     def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         return self._unary(calls.list_models(), timeout_s)

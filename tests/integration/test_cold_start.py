@@ -6,8 +6,10 @@ and rank as the planted tastes say; and the bad requests get their statuses.
 Planted: two genres of film; users 0..19 love comedies and hate horror films, users 20..39 the opposite.
 Item texts name the genre ("a comedy film ..."), so only the content tells a new item's genre."""
 
+import csv
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -18,6 +20,8 @@ from embeddings.v1 import gateway_pb2_grpc
 from embeddings.v1 import recommender_pb2 as rec
 from embeddings.v1 import types_pb2 as pb
 
+from embeddings_client import Client, FailedPrecondition
+from tests.integration.test_cli import embeddings, ok_json
 from tests.system import System
 
 pytestmark = pytest.mark.integration
@@ -173,3 +177,80 @@ def test_bad_cold_start_requests_get_clear_statuses(stub: gateway_pb2_grpc.Gatew
         fit(stub, ease)
     assert ease_fit.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "item_content" in ease_fit.value.details()
+
+
+def test_the_client_fits_with_item_content_and_folds_items_in(system: System) -> None:
+    model = fresh_model()
+    requests = fit_stream(model, with_content=False)
+    interactions = [(i.user_id, i.item_id, i.rating) for request in requests for i in request.interactions]
+    trained = {
+        item_of(genre, n): text_of(genre, n)
+        for genre in GENRES
+        for n in range(ITEMS_PER_GENRE - HELD_OUT_PER_GENRE)
+    }
+    parameters = {name: getattr(PARAMETERS, name) for name in ("epochs", "learning_rate", "l2", "factors")}
+    with Client(system.gateway.address) as client:
+        *_, done = client.fit(
+            interactions, model=model, kind="mf", parameters=parameters, item_content=trained
+        )
+        assert done.content_map is not None and done.content_map.items == len(trained)
+        new = {content.item_id: content.inputs[0].text for content in held_out()}
+        folded = client.fold_in_items(new, model=model)
+        assert folded.added == len(new) and folded.vectors.shape == (len(new), PARAMETERS.factors)
+        comedy_fan, horror_fan = "u0", f"u{USERS - 1}"
+        for user, genre in ((comedy_fan, "comedy"), (horror_fan, "horror")):
+            top = client.recommend(user, k=HELD_OUT_PER_GENRE, model=model, candidate_items=list(new))
+            assert {hit.id.split("-")[0] for hit in top.items} == {genre}
+        with pytest.raises(FailedPrecondition):
+            client.fold_in_items({"x": np.ones(3, dtype=np.float32)}, model=model, content_space="elsewhere")
+
+
+def test_the_cli_fits_with_a_content_file_and_folds_items_in(system: System, tmp_path: Path) -> None:
+    model = fresh_model()
+    ratings_file, content_file = tmp_path / "ratings.csv", tmp_path / "content.csv"
+    with ratings_file.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["user_id", "item_id", "rating"])
+        for request in fit_stream(model, with_content=False):
+            writer.writerows((i.user_id, i.item_id, i.rating) for i in request.interactions)
+    with content_file.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["item_id", "text"])
+        writer.writerows(
+            (item_of(genre, n), text_of(genre, n))
+            for genre in GENRES
+            for n in range(ITEMS_PER_GENRE - HELD_OUT_PER_GENRE)
+        )
+    address = system.gateway.address
+    params = [
+        arg
+        for name in ("epochs", "learning_rate", "l2", "factors")
+        for arg in ("--param", f"{name}={getattr(PARAMETERS, name)}")
+    ]
+    fitted = embeddings(
+        "fit",
+        ratings_file,
+        "--model",
+        model,
+        "--kind",
+        "mf",
+        "--content",
+        content_file,
+        *params,
+        address=address,
+    )
+    assert fitted.returncode == 0, fitted.stderr
+    assert "content map from space minilm (384-d)" in fitted.stdout
+    new = held_out()
+    pairs = [f"{content.item_id}={content.inputs[0].text}" for content in new]
+    folded = ok_json(embeddings("--json", "fold-in-items", *pairs, "--model", model, address=address))
+    assert folded["added"] == len(new) and np.array(folded["vectors"]).shape == (len(new), PARAMETERS.factors)
+    shown = embeddings("fold-in-items", pairs[0], "--model", model, address=address)
+    assert shown.returncode == 0 and "(0 new)" in shown.stdout
+    wrong = embeddings("fold-in-items", "x", "--model", model, address=address)
+    assert wrong.returncode == 2 and "ITEM=TEXT" in wrong.stderr
+    refused = embeddings(
+        "fold-in-items", "z=a film", "--model", model, "--content-space", "elsewhere", address=address
+    )
+    assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr  # no text model there
+    assert "a model for text inputs in space 'elsewhere'" in refused.stderr

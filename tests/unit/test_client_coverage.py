@@ -34,6 +34,7 @@ INVOCATIONS: dict[str, Callable[[Client], Any]] = {
     "score": lambda c: c.score("u1", ["i1"]),
     "similar_items": lambda c: c.similar_items("i1"),
     "fold_in": lambda c: c.fold_in({"i1": 5.0}),
+    "fold_in_items": lambda c: c.fold_in_items({"i9": "a new film"}),
     "fit": lambda c: c.fit([("u1", "i1", 5.0)]),
     "list_models": lambda c: c.list_models(),
     "health": lambda c: c.health(),
@@ -53,6 +54,7 @@ COMMANDS = {
     "Score": ["score"],
     "SimilarItems": ["similar-items"],
     "FoldIn": ["fold-in"],
+    "FoldInItems": ["fold-in-items"],
     "Fit": ["fit"],
     "grpc.health.v1.Health/Check": ["health"],
 }
