@@ -24,6 +24,7 @@ from typing import TypeAlias
 import grpc
 import numpy as np
 import pytest
+from embeddings.v1 import content_pb2 as cpb
 from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import encoder_pb2_grpc, gateway_pb2_grpc, index_pb2_grpc, recommender_pb2_grpc
 from embeddings.v1 import gateway_pb2 as gw
@@ -1413,6 +1414,58 @@ CASES: list[Case] = [
         CANCELLED,
         cancel_after_s=0.5,
         then=nothing_fitted,
+    ),
+    # --- cold-start items (the content map's own cases: tests/integration/test_cold_start.py) -------------
+    case(
+        "gateway: FoldInItems on a model fitted without item content",
+        "gateway",
+        "Gateway/FoldInItems",
+        lambda c: cpb.FoldInItemsRequest(
+            model=MODEL, items=[cpb.ItemContent(item_id="new-1", inputs=texts("a new film"))]
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "no content map",
+        "item_content",
+    ),
+    case(
+        "gateway: FoldInItems with a user id as content",
+        "gateway",
+        "Gateway/FoldInItems",
+        lambda c: cpb.FoldInItemsRequest(
+            model=MODEL, items=[cpb.ItemContent(item_id="new-1", inputs=[pb.Input(user_id="u1")])]
+        ),
+        INVALID,
+        "items[0].inputs[0]",
+        "text or an image",
+    ),
+    case(
+        "useritem: FoldInItems with inputs, which only the gateway encodes",
+        "useritem",
+        "Recommender/FoldInItems",
+        lambda c: cpb.FoldInItemsRequest(
+            model=MODEL,
+            content_space="minilm",
+            items=[cpb.ItemContent(item_id="new-1", inputs=texts("a film"))],
+        ),
+        INVALID,
+        "items[0].inputs",
+        "gateway",
+    ),
+    case(
+        "gateway: Fit of kind EASE with item content",
+        "gateway",
+        "Gateway/Fit",
+        lambda c: [
+            rec.FitRequest(
+                model="ease-with-content",
+                kind=rec.MODEL_KIND_EASE,
+                interactions=interactions(ratings()),
+                item_content=[cpb.ItemContent(item_id="i1", inputs=texts("a film"))],
+            )
+        ],
+        INVALID,
+        "item_content",
+        "MODEL_KIND_MF",
     ),
 ]
 

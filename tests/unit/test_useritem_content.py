@@ -286,3 +286,31 @@ def test_a_damaged_content_map_file_fails_its_checksum(tmp_path: Path, truth: Pl
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"content_weights\.npy"):
         load(folder)
+
+
+async def test_a_fit_from_a_file_takes_its_item_content_in_messages_after_the_first(
+    tmp_path: Path, truth: Planted
+) -> None:
+    (tmp_path / "fit").mkdir()
+    worker = Worker(tmp_path, fit_dir=str(tmp_path / "fit"))
+    try:
+        items = truth.affinity.shape[1]
+        kept = [i for i in truth.interactions() if int(i.item_id[1:]) < items - HELD_OUT]
+        rows = [f"{i.user_id},{i.item_id},{i.rating}" for i in kept]
+        (tmp_path / "fit" / "ratings.csv").write_text("user_id,item_id,rating\n" + "\n".join(rows) + "\n")
+        content = _item_content(truth, range(items))
+        done = (
+            await worker.fit(
+                [
+                    rec.FitRequest(path="ratings.csv", content_space=SPACE, item_content=content[:30]),
+                    rec.FitRequest(item_content=content[30:]),
+                ]
+            )
+        )[-1]
+        assert done.content_map.items == items - HELD_OUT and done.content_map.space == SPACE
+        more = await _status(
+            worker.fit([rec.FitRequest(path="ratings.csv"), rec.FitRequest(interactions=kept[:1])])
+        )
+        assert more.code == grpc.StatusCode.INVALID_ARGUMENT and "takes one message" in more.message
+    finally:
+        worker.close()
