@@ -149,8 +149,9 @@ class Fitter:
 
     @property
     def busy(self) -> bool:
-        """A Fit is running (from its first message to its last)."""
-        return self._busy
+        """A Fit is running, from its first message until its promotion is done (which goes on after a
+        caller who left during it)."""
+        return self._busy or bool(self._promotions)
 
     async def save(self, model: TrainedModel) -> None:
         """Write and promote a version that needs no Fit (FoldInItems'), on the fit thread like every
