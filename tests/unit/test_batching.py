@@ -185,7 +185,26 @@ async def test_max_batch_size_is_never_exceeded_under_load(make_batcher: MakeBat
     assert results == [[x * 2 for x in items] for items in requests]
     assert max(model.sizes) <= 5
     assert sorted(model.seen) == list(range(start))  # every input exactly once
-    assert len(model.batches) < len(requests) + sum(sizes) // 5  # and they were batched
+
+
+async def test_inputs_of_different_requests_share_model_calls(make_batcher: MakeBatcher) -> None:
+    """Requests queued together are packed into full batches: the model is called about inputs / batch
+    size times, where a batcher that never merged requests would call it once per request or more."""
+    batcher, model = make_batcher(max_batch_size=5, max_wait_s=0.005, blocked=True)
+    busy = await hold_model(batcher, model)
+    sizes = [1, 7, 3, 12, 5, 2, 9, 1, 4, 6, 11, 3]
+    requests = [list(range(sum(sizes[:i]), sum(sizes[: i + 1]))) for i in range(len(sizes))]
+    pending = [asyncio.create_task(batcher.submit(items)) for items in requests]
+    await until(lambda: batcher.queued == sum(sizes))
+    model.gate.set()
+    assert await asyncio.gather(*pending) == [[x * 2 for x in items] for items in requests]
+    await busy
+    batches = model.batches[1:]  # after the one that held the model
+    owner = {x: i for i, items in enumerate(requests) for x in items}
+    unmerged_calls = sum(-(-size // 5) for size in sizes)  # 19: one request per model call
+    assert len(batches) == -(-sum(sizes) // 5) < unmerged_calls  # 13 full batches of 5 (the last of 4)
+    assert all(len(batch) == 5 for batch in batches[:-1])
+    assert sum(len({owner[x] for x in batch}) > 1 for batch in batches) >= len(batches) // 2
 
 
 async def test_full_queue_refuses_at_once_with_resource_exhausted(make_batcher: MakeBatcher) -> None:
