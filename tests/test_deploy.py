@@ -392,13 +392,30 @@ def object_key(obj: dict[str, Any]) -> str:
     return f"{obj['kind']}/{obj['metadata']['name']}"
 
 
-def collected(make: Callable[[], list[str]]) -> list[str]:
-    """Parameters read from the deploy files when the tests are collected; if those cannot be read, none
-    (the tests that read them fail and say why, instead of the whole module failing to load)."""
+@dataclass(frozen=True)
+class Unread:
+    """The parameter of a test whose parameters could not be read from the deploy files: it fails."""
+
+    why: str
+
+
+def collected(make: Callable[[], list[str]]) -> list[Any]:
+    """Parameters read from the deploy files when the tests are collected. If they cannot be read, or
+    there are none, one parameter that fails the test saying why (an empty list would skip it silently,
+    and an exception here would stop the whole module from loading)."""
     try:
-        return make()
-    except Exception:
-        return []
+        params = make()
+    except Exception as error:
+        return [pytest.param(Unread(f"{type(error).__name__}: {error}"), id="unread")]
+    return params or [pytest.param(Unread("the deploy files gave no parameters"), id="unread")]
+
+
+@pytest.fixture(autouse=True)
+def _parameters_were_read(request: pytest.FixtureRequest) -> None:
+    callspec = getattr(request.node, "callspec", None)
+    for value in callspec.params.values() if callspec else ():
+        if isinstance(value, Unread):
+            pytest.fail(f"the deploy files could not be read when the tests were collected: {value.why}")
 
 
 def workloads() -> list[dict[str, Any]]:
