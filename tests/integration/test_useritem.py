@@ -22,7 +22,7 @@ from embeddings.v1 import encoder_pb2_grpc, gateway_pb2_grpc
 from embeddings.v1 import recommender_pb2 as rec
 from embeddings.v1 import types_pb2 as pb
 
-from harness.processes import RedisServer, Service, gateway, useritem_worker
+from harness.processes import RedisServer, Service, gateway, running, useritem_worker
 from services.common.vectors import from_wire
 from tests.helpers import metric
 
@@ -282,11 +282,22 @@ def all_ids() -> list[pb.Input]:
 # --- before any Fit --------------------------------------------------------------------------------------
 
 
-def test_recommend_before_any_fit_asks_for_a_fit(stub: Stub) -> None:
-    error = rpc_error(lambda: recommend(stub, user_id(0)))
-    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
-    assert "call Fit" in error.details() and repr(DEFAULT_MODEL) in error.details()
-    assert not stub.ListModels(enc.ListModelsRequest(), timeout=5).models
+def test_recommend_before_any_fit_asks_for_a_fit(
+    tmp_path: Path, log_dir: Path, redis_server: RedisServer
+) -> None:
+    """On a worker of its own, which nothing has trained (the module's worker may be, whatever ran first)."""
+    (tmp_path / "fit").mkdir()
+    worker = useritem_worker(tmp_path / "data", WORKER_ENV, log_dir, fit_dir=tmp_path / "fit")
+    worker.name = "useritem-untrained"
+    with running(worker):
+        front = gateway([], redis_server.url, GATEWAY_ENV, log_dir, useritem=worker.address)
+        front.name = "gateway-untrained"
+        with running(front), grpc.insecure_channel(front.address) as channel:
+            untrained = gateway_pb2_grpc.GatewayStub(channel)
+            error = rpc_error(lambda: recommend(untrained, user_id(0)))
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+            assert "call Fit" in error.details() and repr(DEFAULT_MODEL) in error.details()
+            assert not untrained.ListModels(enc.ListModelsRequest(), timeout=5).models
 
 
 # --- Fit from a stream -----------------------------------------------------------------------------------
