@@ -227,6 +227,19 @@ async def test_full_queue_refuses_at_once_with_resource_exhausted(make_batcher: 
     assert 99 not in model.seen
 
 
+async def test_batch_queue_depth_is_the_number_of_inputs_waiting(make_batcher: MakeBatcher) -> None:
+    """The README's batch_queue_depth{batcher}: inputs waiting for a model batch, back to 0 once served."""
+    batcher, model = make_batcher(max_batch_size=2, max_wait_s=0.001, blocked=True)
+    busy = await hold_model(batcher, model)
+    assert sample("batch_queue_depth", batcher) == 0
+    waiting = [asyncio.create_task(batcher.submit(items)) for items in ([1, 2, 3], [4, 5])]
+    await until(lambda: batcher.queued == 5)
+    assert sample("batch_queue_depth", batcher) == 5
+    model.gate.set()
+    await asyncio.gather(busy, *waiting)
+    assert sample("batch_queue_depth", batcher) == 0
+
+
 async def test_cancelled_callers_inputs_never_reach_the_model(make_batcher: MakeBatcher) -> None:
     batcher, model = make_batcher(max_batch_size=8, max_wait_s=0.001, blocked=True)
     busy = await hold_model(batcher, model)
