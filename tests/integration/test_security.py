@@ -18,10 +18,22 @@ from embeddings.v1 import types_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from harness.processes import RedisServer, RedisTls, Service, gateway, index_shard, running
+from embeddings_client import Client, RetryPolicy, Unavailable
+from harness.processes import (
+    RedisServer,
+    RedisTls,
+    Service,
+    free_port,
+    gateway,
+    health_status,
+    index_shard,
+    running,
+    useritem_worker,
+)
 from services.common.vectors import to_wire
 from tests.certificates import CertificateAuthority, IssuedFiles
 from tests.helpers import metric, texts
+from tests.system import USERITEM_ENV, ratings
 
 pytestmark = pytest.mark.integration
 
@@ -140,6 +152,70 @@ def test_a_gateway_without_a_client_certificate_gets_unavailable_from_the_mutual
                 stub.Upsert(gw.UpsertRequest(space="tls", items=[gw.UpsertItem(id="x", vector=vector(9))]))
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert mtls_shard.address in (refused.value.details() or "")
+
+
+# --- TLS to a worker, by the name in its certificate ---------------------------------------------------
+
+WORKER_NAME = "useritem.internal"  # the only name in the worker's certificate: not the address dialled
+
+
+@pytest.fixture(scope="module")
+def mtls_useritem(
+    ca: CertificateAuthority, tmp_path_factory: pytest.TempPathFactory, log_dir: Path
+) -> Iterator[Service]:
+    """A user-item worker (it starts in seconds, no model to load; the text and image workers serve TLS
+    through the same server code) accepting only callers with a certificate from `ca`, its own certificate
+    naming WORKER_NAME only. Its plaintext health port tells when it serves."""
+    server = ca.issue("useritem", client=False, hosts=(WORKER_NAME,))
+    settings = {
+        **USERITEM_ENV,
+        "USERITEM_TLS_CERT": str(server.cert),
+        "USERITEM_TLS_KEY": str(server.key),
+        "USERITEM_TLS_CLIENT_CA": str(ca.cert_path),
+        "USERITEM_HEALTH_PORT": str(free_port()),
+    }
+    worker = useritem_worker(tmp_path_factory.mktemp("mtls-useritem"), settings, log_dir)
+    worker.name = "useritem-mtls"
+    worker.start()
+    try:
+        health_address = f"127.0.0.1:{settings['USERITEM_HEALTH_PORT']}"
+        deadline = time.monotonic() + 120
+        while health_status(health_address) != "SERVING":
+            assert worker.running(), worker.log_tail()
+            assert time.monotonic() < deadline, f"not SERVING within 120 s:\n{worker.log_tail()}"
+            time.sleep(0.1)
+        yield worker
+    finally:
+        worker.stop()
+
+
+def tls_to_workers(ca: CertificateAuthority, server_name: str) -> dict[str, str]:
+    client = ca.issue("gateway-to-workers", server=False)
+    settings = {
+        "GATEWAY_WORKER_TLS_CA": str(ca.cert_path),
+        "GATEWAY_WORKER_TLS_CERT": str(client.cert),
+        "GATEWAY_WORKER_TLS_KEY": str(client.key),
+    }
+    return {**settings, "GATEWAY_WORKER_TLS_SERVER_NAME": server_name} if server_name else settings
+
+
+def test_the_gateway_reaches_a_worker_over_mutual_tls_by_gateway_worker_tls_server_name(
+    ca: CertificateAuthority, mtls_useritem: Service, log_dir: Path
+) -> None:
+    """Fit (a stream) and Recommend (unary) through the gateway, over mutual TLS to the worker, whose
+    certificate names WORKER_NAME and not 127.0.0.1; without GATEWAY_WORKER_TLS_SERVER_NAME the same
+    gateway cannot check that certificate, and the worker is unreachable."""
+    named = gateway([], "", tls_to_workers(ca, WORKER_NAME), log_dir, useritem=mtls_useritem.address)
+    with running(named), Client(named.address) as client:
+        done = list(client.fit(ratings(), model="tls-mf"))[-1]
+        assert done.done and done.model is not None
+        recommended = client.recommend("u0", k=3, model="tls-mf")
+        assert len(recommended.items) == 3 and recommended.model.version == done.model.version
+
+    unnamed = gateway([], "", tls_to_workers(ca, ""), log_dir, useritem=mtls_useritem.address)
+    with running(unnamed), Client(unnamed.address, retry=RetryPolicy(max_attempts=1)) as client:
+        with pytest.raises(Unavailable, match=mtls_useritem.address):
+            client.recommend("u0", k=3, model="tls-mf")
 
 
 # --- bearer tokens -------------------------------------------------------------------------------------
