@@ -1,13 +1,14 @@
 """README promises about the gateway, checked on one gateway process in front of fakes that record what
 reaches them (tests/fake_encoder.py): an encoder worker that records every input and how many calls it holds
 at once, a user-item worker whose Fit never ends, a Redis that requires a password (given in the URL only)
-and two index shards that know the space searched but fail every search. The gateway requires a token, for health checks too."""
+and two index shards that acknowledge every upsert but fail every search. The gateway requires a token, for health checks too."""
 
 import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -75,8 +76,14 @@ def worker(fit_worker: HangingFit) -> Iterator[FakeEncoder]:
         yield started
 
 
-class FailingShard(idx_grpc.IndexServicer):
-    """An index shard that knows the space (a 4-d claim) but fails every Search."""
+class FakeShard(idx_grpc.IndexServicer):
+    """An index shard that knows every space as 4-dimensional, acknowledges every Upsert (storing nothing)
+    and fails every Search."""
+
+    async def ClaimSpace(
+        self, request: idx.ClaimSpaceRequest, context: grpc.aio.ServicerContext
+    ) -> idx.SpaceClaim:
+        return idx.SpaceClaim(space=request.space, dimension=4, epoch=0)
 
     async def LookupSpace(
         self, request: idx.LookupSpaceRequest, context: grpc.aio.ServicerContext
@@ -88,6 +95,11 @@ class FailingShard(idx_grpc.IndexServicer):
     ) -> idx.IndexStatsResponse:
         return idx.IndexStatsResponse()
 
+    async def Upsert(
+        self, request: idx.IndexUpsertRequest, context: grpc.aio.ServicerContext
+    ) -> idx.IndexUpsertResponse:
+        return idx.IndexUpsertResponse(upserted=len(request.items), request_id=request.request_id)
+
     async def Search(
         self, request: idx.IndexSearchRequest, context: grpc.aio.ServicerContext
     ) -> idx.IndexSearchResponse:
@@ -96,11 +108,11 @@ class FailingShard(idx_grpc.IndexServicer):
 
 
 @pytest.fixture(scope="module")
-def failing_shards() -> Iterator[list[str]]:
-    """The addresses of two shards that fail every Search."""
+def fake_shards() -> Iterator[list[str]]:
+    """The addresses of two FakeShards."""
 
     def register(server: grpc.aio.Server) -> None:
-        idx_grpc.add_IndexServicer_to_server(FailingShard(), server)
+        idx_grpc.add_IndexServicer_to_server(FakeShard(), server)
 
     with fake_encoder(register=register) as first, fake_encoder(register=register) as second:
         yield [first.address, second.address]
@@ -125,7 +137,7 @@ def serving_with_token(address: str) -> bool:
 
 @pytest.fixture(scope="module")
 def service(
-    worker: FakeEncoder, locked_redis: RedisServer, failing_shards: list[str], log_dir: Path
+    worker: FakeEncoder, locked_redis: RedisServer, fake_shards: list[str], log_dir: Path
 ) -> Iterator[Service]:
     settings = {
         "GATEWAY_AUTH_TOKENS": TOKEN,
@@ -136,9 +148,7 @@ def service(
         "GATEWAY_DEFAULT_TEXT_MODEL": MODEL.id,
     }
     url = f"redis://:{REDIS_PASSWORD}@127.0.0.1:{locked_redis.port}/0"  # no GATEWAY_REDIS_PASSWORD
-    started = gateway(
-        [worker.address], url, settings, log_dir, shards=failing_shards, useritem=worker.address
-    )
+    started = gateway([worker.address], url, settings, log_dir, shards=fake_shards, useritem=worker.address)
     started.name = "gateway-promises"
     started.start()
     try:
@@ -219,20 +229,42 @@ def test_a_password_in_the_redis_url_is_used(
 # --- streams, Fit ----------------------------------------------------------------------------------------
 
 
-def test_an_encode_stream_has_at_most_the_stream_window_in_flight(
-    stub: gateway_pb2_grpc.GatewayStub, worker: FakeEncoder
-) -> None:
-    texts = list(fresh_texts(*(f"s{n}" for n in range(4 * STREAM_WINDOW))).values())
-    assert worker.settled(30)
-    worker.peak_in_flight = 0
+def encode_stream(
+    stub: gateway_pb2_grpc.GatewayStub, texts: list[str]
+) -> tuple[list[str], list[enc.EncodeResponse]]:
     requests = [
         enc.EncodeRequest(model=MODEL.id, inputs=[pb.Input(text=text)], request_id=str(n))
         for n, text in enumerate(texts)
     ]
     responses = list(stub.EncodeStream(iter(requests), metadata=AUTH, timeout=60))
-    assert [response.request_id for response in responses] == [str(n) for n in range(len(texts))]
     for response, text in zip(responses, texts, strict=True):
         assert_vectors_of(response, [text])
+    return [response.request_id for response in responses], responses
+
+
+def upsert_stream(
+    stub: gateway_pb2_grpc.GatewayStub, texts: list[str]
+) -> tuple[list[str], list[gw.UpsertResponse]]:
+    requests = [
+        gw.UpsertRequest(
+            model=MODEL.id, items=[gw.UpsertItem(id=f"w{n}", input=pb.Input(text=text))], request_id=str(n)
+        )
+        for n, text in enumerate(texts)
+    ]
+    responses = list(stub.UpsertStream(iter(requests), metadata=AUTH, timeout=60))
+    assert [response.upserted for response in responses] == [1] * len(texts)
+    return [response.request_id for response in responses], responses
+
+
+@pytest.mark.parametrize("stream", [encode_stream, upsert_stream], ids=["EncodeStream", "UpsertStream"])
+def test_a_stream_has_at_most_the_stream_window_in_flight(
+    stub: gateway_pb2_grpc.GatewayStub, worker: FakeEncoder, stream: Any
+) -> None:
+    texts = list(fresh_texts(*(f"s{n}" for n in range(4 * STREAM_WINDOW))).values())
+    assert worker.settled(30)
+    worker.peak_in_flight = 0
+    request_ids, _ = stream(stub, texts)
+    assert request_ids == [str(n) for n in range(len(texts))]
     # Each request is one call to the worker, which takes WORKER_DELAY_S: a gateway handling more than the
     # window at once would have more of them at the worker together.
     assert 1 <= worker.peak_in_flight <= STREAM_WINDOW, worker.peak_in_flight
@@ -258,20 +290,20 @@ def test_a_fit_whose_caller_set_no_deadline_gets_gateway_fit_timeout(
 
 
 def test_search_is_unavailable_when_no_shard_answers(
-    stub: gateway_pb2_grpc.GatewayStub, service: Service, failing_shards: list[str]
+    stub: gateway_pb2_grpc.GatewayStub, service: Service, fake_shards: list[str]
 ) -> None:
     failures = [
         metric(service.metrics_port, "shard_failures_total", shard=shard, method="Search")
-        for shard in failing_shards
+        for shard in fake_shards
     ]
     vector = to_wire(np.ones(4, dtype=np.float32) / 2)
     with pytest.raises(grpc.RpcError) as refused:
         stub.Search(gw.SearchRequest(space="promises", vector=vector, k=3), metadata=AUTH, timeout=30)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
-    assert all(shard in (refused.value.details() or "") for shard in failing_shards), refused.value.details()
+    assert all(shard in (refused.value.details() or "") for shard in fake_shards), refused.value.details()
     after = [
         metric(service.metrics_port, "shard_failures_total", shard=shard, method="Search")
-        for shard in failing_shards
+        for shard in fake_shards
     ]
     assert all(later == earlier + 1 for earlier, later in zip(failures, after, strict=True)), (
         failures,
