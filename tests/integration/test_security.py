@@ -1,11 +1,12 @@
 """Transport security and access control with real processes: TLS on the gateway's port, mutual TLS
-from the gateway to an index shard, bearer tokens, a password- and a TLS-protected Redis, the concurrent
+from the gateway to an index shard and to its text, image and user-item workers, bearer tokens, a password- and a TLS-protected Redis, the concurrent
 call limit, and settings that name files which do not exist."""
 
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -26,12 +27,17 @@ from harness.processes import (
     free_port,
     gateway,
     health_status,
+    image_worker,
     index_shard,
     running,
+    text_worker,
     useritem_worker,
 )
 from services.common.vectors import to_wire
+from tests import image_files
 from tests.certificates import CertificateAuthority, IssuedFiles
+from tests.clip_checkpoint import NAME as CLIP_NAME
+from tests.clip_checkpoint import TinyClip
 from tests.helpers import metric, texts
 from tests.system import USERITEM_ENV, ratings
 
@@ -154,39 +160,76 @@ def test_a_gateway_without_a_client_certificate_gets_unavailable_from_the_mutual
     assert mtls_shard.address in (refused.value.details() or "")
 
 
-# --- TLS to a worker, by the name in its certificate ---------------------------------------------------
+# --- TLS to the workers, by the name in their certificates ------------------------------------------------
 
-WORKER_NAME = "useritem.internal"  # the only name in the worker's certificate: not the address dialled
+WORKER_NAME = "workers.internal"  # the only name in the workers' certificates: not the address dialled
+CLIP_TEXT, CLIP_IMAGE = f"clip-{CLIP_NAME}-text", f"clip-{CLIP_NAME}-image"
+
+
+@dataclass
+class TlsWorkers:
+    text: Service
+    image: Service
+    useritem: Service
+
+
+def serving_on(worker: Service, health_port: int, deadline: float) -> None:
+    """Wait for `worker` to serve, asked on its plaintext health port (its main port's certificate does not
+    name the address the harness dials)."""
+    while health_status(f"127.0.0.1:{health_port}") != "SERVING":
+        assert worker.running(), worker.log_tail()
+        assert time.monotonic() < deadline, f"{worker.name} not SERVING in time:\n{worker.log_tail()}"
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
-def mtls_useritem(
-    ca: CertificateAuthority, tmp_path_factory: pytest.TempPathFactory, log_dir: Path
-) -> Iterator[Service]:
-    """A user-item worker (it starts in seconds, no model to load; the text and image workers serve TLS
-    through the same server code) accepting only callers with a certificate from `ca`, its own certificate
-    naming WORKER_NAME only. Its plaintext health port tells when it serves."""
-    server = ca.issue("useritem", client=False, hosts=(WORKER_NAME,))
-    settings = {
-        **USERITEM_ENV,
-        "USERITEM_TLS_CERT": str(server.cert),
-        "USERITEM_TLS_KEY": str(server.key),
-        "USERITEM_TLS_CLIENT_CA": str(ca.cert_path),
-        "USERITEM_HEALTH_PORT": str(free_port()),
+def mtls_workers(
+    ca: CertificateAuthority, tiny_clip: TinyClip, tmp_path_factory: pytest.TempPathFactory, log_dir: Path
+) -> Iterator[TlsWorkers]:
+    """A text, an image and a user-item worker, each accepting only callers with a certificate from `ca`,
+    their certificates naming WORKER_NAME only. The text and image workers serve only the tiny CLIP's
+    towers, so that they start in seconds; they are started together."""
+
+    def tls(prefix: str, name: str) -> dict[str, str]:
+        server = ca.issue(name, client=False, hosts=(WORKER_NAME,))
+        return {
+            f"{prefix}TLS_CERT": str(server.cert),
+            f"{prefix}TLS_KEY": str(server.key),
+            f"{prefix}TLS_CLIENT_CA": str(ca.cert_path),
+            f"{prefix}HEALTH_PORT": str(free_port()),
+        }
+
+    text_settings = {**tiny_clip.env(), "TEXT_SENTENCE_MODEL_ENABLED": "false", **tls("TEXT_", "text")}
+    image_settings = {
+        **tiny_clip.env(),
+        "IMAGE_EFFICIENTNET_ENABLED": "false",
+        "IMAGE_LABEL_SPACE_ENABLED": "false",
+        **tls("IMAGE_", "image"),
     }
-    worker = useritem_worker(tmp_path_factory.mktemp("mtls-useritem"), settings, log_dir)
-    worker.name = "useritem-mtls"
-    worker.start()
+    useritem_settings = {**USERITEM_ENV, **tls("USERITEM_", "useritem")}
+    workers = TlsWorkers(
+        text_worker(text_settings, log_dir),
+        image_worker(image_settings, log_dir),
+        useritem_worker(tmp_path_factory.mktemp("mtls-useritem"), useritem_settings, log_dir),
+    )
+    health_ports = [
+        (workers.text, int(text_settings["TEXT_HEALTH_PORT"])),
+        (workers.image, int(image_settings["IMAGE_HEALTH_PORT"])),
+        (workers.useritem, int(useritem_settings["USERITEM_HEALTH_PORT"])),
+    ]
+    started: list[Service] = []
     try:
-        health_address = f"127.0.0.1:{settings['USERITEM_HEALTH_PORT']}"
-        deadline = time.monotonic() + 120
-        while health_status(health_address) != "SERVING":
-            assert worker.running(), worker.log_tail()
-            assert time.monotonic() < deadline, f"not SERVING within 120 s:\n{worker.log_tail()}"
-            time.sleep(0.1)
-        yield worker
+        for worker, _ in health_ports:
+            worker.name = f"{worker.name}-mtls"
+            worker.start()
+            started.append(worker)
+        deadline = time.monotonic() + 180
+        for worker, port in health_ports:
+            serving_on(worker, port, deadline)
+        yield workers
     finally:
-        worker.stop()
+        for worker in started:
+            worker.stop()
 
 
 def tls_to_workers(ca: CertificateAuthority, server_name: str) -> dict[str, str]:
@@ -195,26 +238,34 @@ def tls_to_workers(ca: CertificateAuthority, server_name: str) -> dict[str, str]
         "GATEWAY_WORKER_TLS_CA": str(ca.cert_path),
         "GATEWAY_WORKER_TLS_CERT": str(client.cert),
         "GATEWAY_WORKER_TLS_KEY": str(client.key),
+        "GATEWAY_DEFAULT_TEXT_MODEL": CLIP_TEXT,
+        "GATEWAY_DEFAULT_IMAGE_MODEL": CLIP_IMAGE,
     }
     return {**settings, "GATEWAY_WORKER_TLS_SERVER_NAME": server_name} if server_name else settings
 
 
-def test_the_gateway_reaches_a_worker_over_mutual_tls_by_gateway_worker_tls_server_name(
-    ca: CertificateAuthority, mtls_useritem: Service, log_dir: Path
+def test_the_gateway_reaches_its_workers_over_mutual_tls_by_gateway_worker_tls_server_name(
+    ca: CertificateAuthority, mtls_workers: TlsWorkers, log_dir: Path
 ) -> None:
-    """Fit (a stream) and Recommend (unary) through the gateway, over mutual TLS to the worker, whose
-    certificate names WORKER_NAME and not 127.0.0.1; without GATEWAY_WORKER_TLS_SERVER_NAME the same
-    gateway cannot check that certificate, and the worker is unreachable."""
-    named = gateway([], "", tls_to_workers(ca, WORKER_NAME), log_dir, useritem=mtls_useritem.address)
+    """Encode on the text and image workers, Fit (a stream) and Recommend on the user-item worker, through
+    the gateway over mutual TLS to each, whose certificates name WORKER_NAME and not 127.0.0.1; without
+    GATEWAY_WORKER_TLS_SERVER_NAME a gateway cannot check those certificates, and the worker is unreachable."""
+    encoders = [mtls_workers.text.address, mtls_workers.image.address]
+    useritem = mtls_workers.useritem.address
+    named = gateway(encoders, "", tls_to_workers(ca, WORKER_NAME), log_dir, useritem=useritem)
     with running(named), Client(named.address) as client:
+        assert client.encode_text(["a cat"], model=CLIP_TEXT).vectors.shape[0] == 1
+        assert client.encode_image([image_files.photo("chelsea")], model=CLIP_IMAGE).vectors.shape[0] == 1
         done = list(client.fit(ratings(), model="tls-mf"))[-1]
         assert done.done and done.model is not None
         recommended = client.recommend("u0", k=3, model="tls-mf")
         assert len(recommended.items) == 3 and recommended.model.version == done.model.version
 
-    unnamed = gateway([], "", tls_to_workers(ca, ""), log_dir, useritem=mtls_useritem.address)
+    # Only the user-item worker: a gateway serves once an encoder worker listed its models, which these
+    # cannot, here.
+    unnamed = gateway([], "", tls_to_workers(ca, ""), log_dir, useritem=useritem)
     with running(unnamed), Client(unnamed.address, retry=RetryPolicy(max_attempts=1)) as client:
-        with pytest.raises(Unavailable, match=mtls_useritem.address):
+        with pytest.raises(Unavailable, match=useritem):
             client.recommend("u0", k=3, model="tls-mf")
 
 
