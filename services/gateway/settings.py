@@ -262,6 +262,11 @@ class GatewaySettings(ServiceSettings):
             )
         if self.dns_nameserver:
             parse_nameserver(self.dns_nameserver)  # ValueError naming what is wrong
+        if self.hybrid_candidates > self.max_k:
+            raise ValueError(
+                f"GATEWAY_HYBRID_CANDIDATES={self.hybrid_candidates} is over GATEWAY_MAX_K={self.max_k}, the most "
+                "a search may return"
+            )
         return self
 
     @model_validator(mode="after")
