@@ -20,12 +20,12 @@ import numpy as np
 from embeddings.v1 import gateway_pb2 as gw
 from embeddings.v1 import types_pb2 as pb
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.inputs import check_kinds
 from services.common.model_card import ModelCard
 from services.common.topk import check_k
 from services.gateway.choosing import ModelChooser
-from services.gateway.encoding import CachingEncoder
+from services.gateway.encoding import CachingEncoder, Encoded
 from services.gateway.fused_search import SpaceSearcher
 from services.gateway.index_backend import search_budget
 from services.gateway.rank_fusion import RankedList, reciprocal_rank_fusion, weighted_scores
@@ -76,13 +76,16 @@ class HybridSearch:
         useritem = self._models.card_for(request.useritem_model, [user], "useritem_model")
         content = self._models.card_for(request.model, [request.input], "input", request.space)
 
-        found, user_vector = await asyncio.gather(
+        found, (user_vector, user_model) = await asyncio.gather(
             self._searcher.search(content, request.input, depth, request.filter, deadline),
             self._user_vector(useritem, user, deadline),
         )
         hits = found.merged.hits if found.merged is not None else []
-        items = await self._item_vectors(useritem, [hit.id for hit in hits], deadline)
-        user_model = useritem.ref()
+        items, versions = await self._item_vectors(useritem, [hit.id for hit in hits], deadline)
+        if versions - {user_model.version}:
+            raise Unavailable(
+                f"user-item model {useritem.id!r} changed version during the call (a Fit was promoted); retry"
+            )
         by_taste = sorted(
             (
                 pb.Hit(
@@ -118,34 +121,42 @@ class HybridSearch:
             ],
         )
 
-    async def _user_vector(self, card: ModelCard, user: pb.Input, deadline: float) -> np.ndarray:
+    async def _user_vector(
+        self, card: ModelCard, user: pb.Input, deadline: float
+    ) -> tuple[np.ndarray, pb.ModelRef]:
+        """The user's learnt vector, and the model version it comes from."""
         try:
             encoded = await self._encoder.encode(card, [user], False, search_budget(deadline, math.inf))
         except NotFound as error:  # the worker names inputs[0].user_id: the caller sent `user_id`
             raise NotFound(error.description, field="user_id") from None
-        return encoded.matrix()[0]
+        return encoded.matrix()[0], encoded.model
 
-    async def _item_vectors(self, card: ModelCard, ids: list[str], deadline: float) -> dict[str, np.ndarray]:
-        """The learnt vectors of the ids the model knows. One call for all of them; when the model lacks
-        some (the worker names the first it lacks), one call per id, the ids it lacks left out."""
+    async def _item_vectors(
+        self, card: ModelCard, ids: list[str], deadline: float
+    ) -> tuple[dict[str, np.ndarray], set[str]]:
+        """The learnt vectors of the ids the model knows, and the model versions they come from. One call
+        for all of them; when the model lacks some (the worker names the first it lacks), one call per id,
+        the ids it lacks left out."""
         if not ids:
-            return {}
+            return {}, set()
         inputs = [pb.Input(item_id=item_id) for item_id in ids]
         try:
             encoded = await self._encoder.encode(card, inputs, False, search_budget(deadline, math.inf))
-            return dict(zip(ids, encoded.matrix(), strict=True))
+            return dict(zip(ids, encoded.matrix(), strict=True)), {encoded.model.version}
         except NotFound as error:
             if not _ITEM_FIELD.fullmatch(error.field):
                 raise
         budget = search_budget(deadline, math.inf)
 
-        async def one(item: pb.Input) -> np.ndarray | None:
+        async def one(item: pb.Input) -> Encoded | None:
             try:
-                return (await self._encoder.encode(card, [item], False, budget)).matrix()[0]
+                return await self._encoder.encode(card, [item], False, budget)
             except NotFound as error:
                 if _ITEM_FIELD.fullmatch(error.field):
                     return None
                 raise
 
-        vectors = await asyncio.gather(*(one(item) for item in inputs))
-        return {item_id: vector for item_id, vector in zip(ids, vectors, strict=True) if vector is not None}
+        answers = await asyncio.gather(*(one(item) for item in inputs))
+        known = {item_id: answer for item_id, answer in zip(ids, answers, strict=True) if answer is not None}
+        vectors = {item_id: answer.matrix()[0] for item_id, answer in known.items()}
+        return vectors, {answer.model.version for answer in known.values()}
