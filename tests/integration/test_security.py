@@ -307,7 +307,10 @@ def test_calls_past_max_concurrent_calls_get_resource_exhausted(
         stub = index_pb2_grpc.IndexStub(channel)
         streams = [stub.UpsertStream(held_open(), timeout=30) for _ in range(2)]
         try:
-            time.sleep(0.5)
+            deadline = time.monotonic() + 10  # until the shard is handling both streams
+            while metric(service.metrics_port, "rpc_in_flight", service="index") < 2:
+                assert time.monotonic() < deadline, "the two streams never reached the shard"
+                time.sleep(0.05)
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Stats(index_pb2.IndexStatsRequest(), timeout=5)
         finally:
