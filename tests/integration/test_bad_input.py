@@ -736,6 +736,107 @@ CASES: list[Case] = [
         "10 dimensions",
         "384-dimensional",
     ),
+    # --- fused and hybrid searches ----------------------------------------------------------------------------
+    case(
+        "gateway: fused Search over spaces none of which hold items (user ids: only useritem-mf)",
+        "gateway",
+        "Gateway/Search",
+        lambda c: gw.SearchRequest(input=pb.Input(user_id="u0"), k=3, all_spaces=True),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "none of the spaces where user inputs have a model (useritem-mf) holds any item",
+    ),
+    case(
+        "gateway: fused Search of a kind no model takes (item ids, on a gateway without a user-item worker)",
+        "plain-gateway",
+        "Gateway/Search",
+        lambda c: gw.SearchRequest(input=pb.Input(item_id="i1"), k=3, all_spaces=True),
+        INVALID,
+        "a model for item inputs is not served here",
+    ),
+    case(
+        "gateway: fused Search naming a space too",
+        "gateway",
+        "Gateway/Search",
+        lambda c: gw.SearchRequest(input=pb.Input(text="a cat"), space="minilm", k=3, all_spaces=True),
+        INVALID,
+        "leave `space` and `model` empty",
+    ),
+    case(
+        "gateway: fused Search by a vector",
+        "gateway",
+        "Gateway/Search",
+        lambda c: gw.SearchRequest(vector=to_wire(unit(MINILM_DIM, 1)), k=3, all_spaces=True),
+        INVALID,
+        "all_spaces needs `input`",
+    ),
+    case(
+        "gateway: HybridSearch for an unknown user",
+        "gateway",
+        "Gateway/HybridSearch",
+        lambda c: gw.HybridSearchRequest(
+            input=pb.Input(text="a cat"), user_id="nobody", useritem_model=MODEL, k=3
+        ),
+        NOT_FOUND,
+        "user_id 'nobody' is not a user of model 'mf'",
+    ),
+    case(
+        "gateway: HybridSearch naming an unknown user-item model",
+        "gateway",
+        "Gateway/HybridSearch",
+        lambda c: gw.HybridSearchRequest(
+            input=pb.Input(text="a cat"), user_id="u1", useritem_model="nope", k=3
+        ),
+        INVALID,
+        "model 'nope' is not served here",
+    ),
+    case(
+        "gateway: HybridSearch naming a text model as the user-item model",
+        "gateway",
+        "Gateway/HybridSearch",
+        lambda c: gw.HybridSearchRequest(
+            input=pb.Input(text="a cat"), user_id="u1", useritem_model=MINILM, k=3
+        ),
+        INVALID,
+        "does not accept user inputs",
+    ),
+    case(
+        "gateway: HybridSearch with a weight over 1",
+        "gateway",
+        "Gateway/HybridSearch",
+        lambda c: gw.HybridSearchRequest(
+            input=pb.Input(text="a cat"), user_id="u1", useritem_model=MODEL, k=3, user_weight=1.5
+        ),
+        INVALID,
+        "user_weight is 1.5; it must be in [0, 1]",
+    ),
+    case(
+        "gateway: HybridSearch with a NaN weight",
+        "gateway",
+        "Gateway/HybridSearch",
+        lambda c: gw.HybridSearchRequest(
+            input=pb.Input(text="a cat"), user_id="u1", useritem_model=MODEL, k=3, user_weight=float("nan")
+        ),
+        INVALID,
+        "user_weight is nan",
+    ),
+    case(
+        "gateway: HybridSearch with fewer candidates than k",
+        "gateway",
+        "Gateway/HybridSearch",
+        lambda c: gw.HybridSearchRequest(
+            input=pb.Input(text="a cat"), user_id="u1", useritem_model=MODEL, k=5, candidates=2
+        ),
+        INVALID,
+        "candidates is 2; it must be at least k (5)",
+    ),
+    case(
+        "gateway: HybridSearch with no user",
+        "gateway",
+        "Gateway/HybridSearch",
+        lambda c: gw.HybridSearchRequest(input=pb.Input(text="a cat"), k=3),
+        INVALID,
+        "user_id is empty",
+    ),
     case(
         "shard: Upsert of a vector of the wrong dimension",
         "shard-a",

@@ -471,20 +471,34 @@ def test_fold_in_of_a_known_users_interactions_recommends_like_that_user(
 # --- Fit from files --------------------------------------------------------------------------------------
 
 
-def test_fit_from_csv_and_parquet_trains_a_second_model(
-    cluster: Cluster, stub: Stub, planted: Planted, fitted: Fitted
-) -> None:
+@dataclass(frozen=True)
+class CsvFitted:
+    """A second model, "csvmodel", trained from a CSV file of the planted ratings of users 0-149."""
+
+    progress: list[rec.FitProgress]
+    frame: pd.DataFrame
+
+
+@pytest.fixture(scope="module")
+def csv_fitted(cluster: Cluster, stub: Stub, planted: Planted, fitted: Fitted) -> CsvFitted:
     subset_users = {user_id(u) for u in range(150)}
     rows = [(u, i, r) for (u, i), r in planted.ratings.items() if u in subset_users]
     frame = pd.DataFrame(rows, columns=["user_id", "item_id", "rating"])
     (cluster.fit_dir / "ratings").mkdir()
     frame.to_csv(cluster.fit_dir / "ratings" / "subset.csv", index=False)
+    progress = list(
+        stub.Fit(iter([rec.FitRequest(path="ratings/subset.csv", model="csvmodel")]), timeout=120)
+    )
+    return CsvFitted(progress, frame)
+
+
+def test_fit_from_csv_and_parquet_trains_a_second_model(
+    cluster: Cluster, stub: Stub, planted: Planted, fitted: Fitted, csv_fitted: CsvFitted
+) -> None:
+    from_csv, frame = csv_fitted.progress, csv_fitted.frame
+    rows = list(frame.itertuples(index=False))
     frame.assign(timestamp=np.arange(len(frame), dtype=np.int64) + 1_700_000_000).to_parquet(
         cluster.fit_dir / "subset.parquet"
-    )
-
-    from_csv = list(
-        stub.Fit(iter([rec.FitRequest(path="ratings/subset.csv", model="csvmodel")]), timeout=120)
     )
     done = from_csv[-1]
     assert done.done and len(from_csv) > 1
@@ -530,10 +544,11 @@ def test_fit_from_a_file_outside_the_fit_dir_or_missing_is_refused(
 
 
 def test_a_restarted_worker_serves_the_same_version_and_vectors(
-    cluster: Cluster, stub: Stub, fitted: Fitted
+    cluster: Cluster, stub: Stub, fitted: Fitted, csv_fitted: CsvFitted
 ) -> None:
     before = worker_encode(cluster.worker.address, all_ids())
-    csv_version = recommend(stub, user_id(0), model="csvmodel").model.version
+    csv_version = csv_fitted.progress[-1].model.version
+    assert recommend(stub, user_id(0), model="csvmodel").model.version == csv_version
 
     for how in ("SIGTERM", "SIGKILL"):
         old = cluster.worker

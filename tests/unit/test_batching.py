@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 
 from services.common.errors import DeadlineExceeded, ResourceExhausted
 from services.encoder.batching import MicroBatcher, by_length
+from tests.helpers import LATE_S
 
 POISON = -1
 
@@ -89,7 +90,7 @@ async def make_batcher() -> AsyncIterator[MakeBatcher]:
         executor.shutdown(wait=True)
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -146,15 +147,15 @@ async def test_a_lone_input_waits_at_most_about_max_wait(make_batcher: MakeBatch
     start = time.monotonic()
     assert await batcher.submit([5]) == [10]
     elapsed = time.monotonic() - start
-    assert 0.04 <= elapsed < 1.0
+    assert 0.04 <= elapsed < 0.05 + LATE_S
     assert model.sizes == [1]
 
 
 async def test_a_full_batch_runs_without_waiting_for_max_wait(make_batcher: MakeBatcher) -> None:
-    batcher, model = make_batcher(max_batch_size=4, max_wait_s=10.0)
+    batcher, model = make_batcher(max_batch_size=4, max_wait_s=3 * LATE_S)
     start = time.monotonic()
-    assert await asyncio.wait_for(batcher.submit([1, 2, 3, 4]), 2.0) == [2, 4, 6, 8]
-    assert time.monotonic() - start < 1.0
+    assert await asyncio.wait_for(batcher.submit([1, 2, 3, 4]), 3 * LATE_S) == [2, 4, 6, 8]
+    assert time.monotonic() - start < LATE_S
     assert model.batches == [[1, 2, 3, 4]]
 
 
@@ -217,7 +218,7 @@ async def test_full_queue_refuses_at_once_with_resource_exhausted(make_batcher: 
     start = time.monotonic()
     with pytest.raises(ResourceExhausted) as refused:
         await batcher.submit([99])
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < LATE_S  # not once the model is free (it never is, here)
     assert "limit 4" in refused.value.message
     assert sample("batch_queue_rejected_total", batcher) == rejected_before + 1
 
@@ -330,10 +331,12 @@ async def test_an_input_longer_than_the_token_budget_runs_alone(make_batcher: Ma
 
 
 async def test_a_batch_full_of_tokens_runs_without_waiting_for_max_wait(make_batcher: MakeBatcher) -> None:
-    batcher, model = make_batcher(max_batch_size=32, max_wait_s=10.0, max_batch_tokens=10, length=own_length)
+    batcher, model = make_batcher(
+        max_batch_size=32, max_wait_s=3 * LATE_S, max_batch_tokens=10, length=own_length
+    )
     start = time.monotonic()
-    assert await asyncio.wait_for(batcher.submit([6, 4]), 2.0) == [12, 8]
-    assert time.monotonic() - start < 1.0
+    assert await asyncio.wait_for(batcher.submit([6, 4]), 3 * LATE_S) == [12, 8]
+    assert time.monotonic() - start < LATE_S
     assert model.batches == [[4, 6]]
 
 
