@@ -18,6 +18,8 @@ from services.gateway.channels import BackendChannels, token_setting
 from services.gateway.choosing import ModelChooser
 from services.gateway.discovery import SrvDiscovery
 from services.gateway.encoding import CachingEncoder, Encoding
+from services.gateway.fused_search import FusedSearch, SpaceSearcher
+from services.gateway.hybrid import HybridSearch
 from services.gateway.index_backend import IndexBackend
 from services.gateway.indexing import Indexer
 from services.gateway.milvus.backend import MilvusBackend
@@ -89,11 +91,14 @@ class Gateway:
         )
         encoder = CachingEncoder(self.router, self.cache)
         self.index = index_backend(settings, credentials)
+        searcher = SpaceSearcher(encoder, self.index)
         self.service = GatewayService(
             self.router,
             Encoding(models, encoder, settings.max_inputs_per_request),
             Similarities(models, encoder, settings.max_inputs_per_request),
             Indexer(self.router, models, encoder, self.index, settings),
+            FusedSearch(self.router, models, searcher, settings),
+            HybridSearch(models, encoder, searcher, settings),
             self.recommendations,
             settings,
         )
