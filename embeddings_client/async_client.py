@@ -183,11 +183,39 @@ class AsyncClient:
         model: str = "",
         kinds: Sequence[str] = (),
         where: Mapping[str, str] | None = None,
+        all_spaces: bool = False,
         timeout_s: float | None = None,
     ) -> SearchResult:
         """The k nearest indexed items to a text, an image or a vector (which needs `space`); `kinds` keeps
-        items of those kinds ("text", "image"), `where` items whose payload has those string values."""
-        return await self._unary(calls.search(query, space, model, k, kinds, where), timeout_s)
+        items of those kinds ("text", "image"), `where` items whose payload has those string values.
+        `all_spaces`: search every space where the query's kind has a model and fuse the lists by
+        reciprocal rank (each hit's `sources` name its spaces; `space` and `model` stay empty)."""
+        return await self._unary(calls.search(query, space, model, k, kinds, where, all_spaces), timeout_s)
+
+    async def hybrid_search(
+        self,
+        query: Query,
+        user_id: str,
+        *,
+        k: int = 10,
+        weight: float | None = None,
+        mix: str = "rrf",
+        space: str = "",
+        model: str = "",
+        useritem_model: str = "",
+        candidates: int = 0,
+        kinds: Sequence[str] = (),
+        where: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> SearchResult:
+        """Items of a content space near a text or an image, mixed with what `user_id` likes (a user-item
+        model's vectors of the items with the same ids): `weight` of the user's part in [0, 1] (None: the
+        gateway's 0.5), `mix` "rrf" (weighted reciprocal rank fusion) or "weighted" (weighted sum of
+        min-max normalised scores), over the query's `candidates` nearest items (0: the gateway's default)."""
+        call = calls.hybrid_search(
+            query, user_id, weight, mix, k, space, model, useritem_model, candidates, kinds, where
+        )
+        return await self._unary(call, timeout_s)
 
     async def upsert(
         self, items: Iterable[Item], *, space: str = "", model: str = "", timeout_s: float | None = None

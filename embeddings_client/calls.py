@@ -125,9 +125,29 @@ def search(
     k: int,
     kinds: Sequence[str],
     where: Mapping[str, str] | None,
+    all_spaces: bool = False,
 ) -> Unary[SearchResult]:
-    request = messages.search(query, space, model, k, kinds, where)
+    request = messages.search(query, space, model, k, kinds, where, all_spaces)
     return Unary(GATEWAY + "Search", request, gw.SearchResponse, SearchResult.parse)
+
+
+def hybrid_search(
+    query: Query,
+    user_id: str,
+    weight: float | None,
+    mix: str,
+    k: int,
+    space: str,
+    model: str,
+    useritem_model: str,
+    candidates: int,
+    kinds: Sequence[str],
+    where: Mapping[str, str] | None,
+) -> Unary[SearchResult]:
+    request = messages.hybrid_search(
+        query, user_id, weight, mix, k, space, model, useritem_model, candidates, kinds, where
+    )
+    return Unary(GATEWAY + "HybridSearch", request, gw.SearchResponse, SearchResult.parse)
 
 
 def upsert(items: Iterable[Item], space: str, model: str) -> Unary[int]:

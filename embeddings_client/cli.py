@@ -33,8 +33,8 @@ from embeddings_client import bulk
 from embeddings_client.cli_content import content_file, content_map_text, content_pair
 from embeddings_client.connection import DEFAULT_ADDRESS
 from embeddings_client.errors import EmbeddingsError
-from embeddings_client.messages import KINDS, Interaction, Query
-from embeddings_client.results import Embeddings, Hit, Model
+from embeddings_client.messages import KINDS, MIXES, Interaction, Query
+from embeddings_client.results import Embeddings, Hit, Model, SearchResult
 from embeddings_client.sync_client import Client
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -192,23 +192,64 @@ def similarity(client: Client, args: argparse.Namespace, out: Output) -> int:
 def search(client: Client, args: argparse.Namespace, out: Output) -> int:
     where = dict(_key_value(pair) for pair in args.where)
     result = client.search(
-        query(args.query), k=args.k, space=args.space, model=args.model, kinds=args.kind, where=where
+        query(args.query),
+        k=args.k,
+        space=args.space,
+        model=args.model,
+        kinds=args.kind,
+        where=where,
+        all_spaces=args.all_spaces,
     )
+    out.emit(search_document(result), lambda console: console.print(search_table(result)))
+    return EXIT_OK
 
-    def render(console: Console) -> None:
-        title = f"space {result.space}" + (
-            f", partial: missing {', '.join(result.missing_shards)}" if result.partial else ""
-        )
-        console.print(hits_table(result.hits, title))
 
-    document = {
+def hybrid(client: Client, args: argparse.Namespace, out: Output) -> int:
+    where = dict(_key_value(pair) for pair in args.where)
+    result = client.hybrid_search(
+        query(args.query),
+        args.user,
+        k=args.k,
+        weight=args.weight,
+        mix=args.mix,
+        space=args.space,
+        model=args.model,
+        useritem_model=args.useritem_model,
+        candidates=args.candidates,
+        kinds=args.kind,
+        where=where,
+    )
+    out.emit(search_document(result), lambda console: console.print(search_table(result)))
+    return EXIT_OK
+
+
+def search_document(result: SearchResult) -> dict[str, object]:
+    return {
         "space": result.space,
         "partial": result.partial,
         "missing_shards": result.missing_shards,
+        "missing_spaces": result.missing_spaces,
+        "spaces": [asdict(searched) for searched in result.spaces],
         "hits": [asdict(hit) for hit in result.hits],
     }
-    out.emit(document, render)
-    return EXIT_OK
+
+
+def search_table(result: SearchResult) -> Table:
+    """The hits; for fused and hybrid searches, each hit's sources (space: rank) too."""
+    lists = ", ".join(searched.model.space for searched in result.spaces)
+    title = f"space {result.space}" if result.space else f"fused: {lists}"
+    missing = [*result.missing_shards, *(f"space {space}" for space in result.missing_spaces)]
+    title += f", partial: missing {', '.join(missing)}" if result.partial else ""
+    if not result.spaces:
+        return hits_table(result.hits, title)
+    table = Table(
+        "#", "id", "score", "from (space: rank)", "kind", "payload", title=title, header_style="bold"
+    )
+    for rank, hit in enumerate(result.hits, start=1):
+        sources = ", ".join(f"{source.model.space}: {source.rank}" for source in hit.sources)
+        payload = json.dumps(hit.payload) if hit.payload else ""
+        table.add_row(str(rank), Text(hit.id), f"{hit.score:.4f}", Text(sources), hit.kind, Text(payload))
+    return table
 
 
 def delete(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -548,6 +589,47 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("-k", type=int, default=10, help="hits to return (default %(default)s)")
     sub.add_argument("--space", default="", help="the space to search (default: the query model's)")
     sub.add_argument("--model", default="", help="model that encodes the query")
+    sub.add_argument(
+        "--kind", action="append", default=[], choices=sorted(KINDS), help="only items of this kind"
+    )
+    sub.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only items whose payload has KEY=VALUE",
+    )
+    sub.add_argument(
+        "--all-spaces",
+        action="store_true",
+        default=False,
+        help="search every space where the query's kind has a model, fused by reciprocal rank",
+    )
+
+    sub = command(
+        "hybrid",
+        hybrid,
+        "Indexed items near a text or an @image, mixed with what a user likes (a user-item model's vectors "
+        "of the items with the same ids).",
+    )
+    sub.add_argument("query", help="a text, or @path of an image file")
+    sub.add_argument("--user", required=True, help="the user whose taste mixes in")
+    sub.add_argument(
+        "--weight", type=float, default=None, help="weight of the user's part in [0, 1] (default 0.5)"
+    )
+    sub.add_argument(
+        "--mix", choices=sorted(MIXES), default="rrf", help="how the two lists mix (default rrf)"
+    )
+    sub.add_argument("-k", type=int, default=10, help="hits to return (default %(default)s)")
+    sub.add_argument("--space", default="", help="the content space (default: the query model's)")
+    sub.add_argument("--model", default="", help="model that encodes the query")
+    sub.add_argument("--useritem-model", default="", help="the user-item model (default: the gateway's)")
+    sub.add_argument(
+        "--candidates",
+        type=int,
+        default=0,
+        help="the query's nearest items that are ranked (default: the gateway's)",
+    )
     sub.add_argument(
         "--kind", action="append", default=[], choices=sorted(KINDS), help="only items of this kind"
     )

@@ -151,12 +151,49 @@ def search(
     k: int,
     kinds: Sequence[str],
     where: Mapping[str, str] | None,
+    all_spaces: bool = False,
 ) -> gw.SearchRequest:
-    request = gw.SearchRequest(space=space, model=model, k=k, filter=search_filter(kinds, where))
+    request = gw.SearchRequest(
+        space=space, model=model, k=k, filter=search_filter(kinds, where), all_spaces=all_spaces
+    )
     if isinstance(query, np.ndarray):
         request.vector.CopyFrom(to_wire(query))
     else:
         request.input.CopyFrom(query_input(query))
+    return request
+
+
+MIXES = {"rrf": gw.HYBRID_MIX_RRF, "weighted": gw.HYBRID_MIX_WEIGHTED}
+
+
+def hybrid_search(
+    query: Query,
+    user_id: str,
+    weight: float | None,
+    mix: str,
+    k: int,
+    space: str,
+    model: str,
+    useritem_model: str,
+    candidates: int,
+    kinds: Sequence[str],
+    where: Mapping[str, str] | None,
+) -> gw.HybridSearchRequest:
+    if mix not in MIXES:
+        raise ValueError(f"unknown mix {mix!r}: use {', '.join(MIXES)}")
+    request = gw.HybridSearchRequest(
+        input=query_input(query),
+        space=space,
+        model=model,
+        user_id=user_id,
+        useritem_model=useritem_model,
+        k=k,
+        filter=search_filter(kinds, where),
+        mix=MIXES[mix],
+        candidates=candidates,
+    )
+    if weight is not None:
+        request.user_weight = weight
     return request
 
 

@@ -92,15 +92,31 @@ class Similarity:
 
 
 @dataclass(frozen=True)
+class HitSource:
+    """One ranked list a fused or hybrid hit was found in: the space searched and the model of the query
+    there (a user part: the user-item model), the hit's rank in it (from 1) and its score there."""
+
+    model: Model
+    rank: int
+    score: float
+
+    @classmethod
+    def parse(cls, source: pb.HitSource) -> "HitSource":
+        return cls(Model.parse(source.model), source.rank, source.score)
+
+
+@dataclass(frozen=True)
 class Hit:
     """An indexed item (or, for recommendations, an item id) and its score; `payload` is the JSON object
-    stored with it (None when there is none)."""
+    stored with it (None when there is none). `sources`: for fused and hybrid searches, each ranked list it
+    was found in (`score` is then the fused score)."""
 
     id: str
     score: float
     kind: str
     payload: dict[str, Any] | None
     shard: str
+    sources: tuple[HitSource, ...] = ()
 
     @classmethod
     def parse(cls, hit: pb.Hit) -> "Hit":
@@ -110,18 +126,45 @@ class Hit:
             kind_name(hit.kind),
             json.loads(hit.payload_json) if hit.payload_json else None,
             hit.shard,
+            tuple(HitSource.parse(source) for source in hit.sources),
+        )
+
+
+@dataclass(frozen=True)
+class SpaceSearched:
+    """One ranked list of a fused or hybrid search: its model (and space), how many hits it gave, its
+    shards that did not answer, why it could not be searched (`error`, empty if it was), and whether
+    nothing was ever stored in it (`empty`)."""
+
+    model: Model
+    hits: int
+    missing_shards: tuple[str, ...]
+    error: str
+    empty: bool
+
+    @classmethod
+    def parse(cls, searched: gw.SpaceSearched) -> "SpaceSearched":
+        return cls(
+            Model.parse(searched.model),
+            searched.hits,
+            tuple(searched.missing_shards),
+            searched.error,
+            searched.empty,
         )
 
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The best hits first. `partial`: some shards did not answer (`missing_shards`)."""
+    """The best hits first. `partial`: some shards (`missing_shards`) or, for fused searches, whole spaces
+    (`missing_spaces`) did not answer. `spaces`: for fused and hybrid searches, each list that was fused."""
 
     hits: list[Hit]
     space: str
     partial: bool
     missing_shards: tuple[str, ...]
     query_model: Model
+    spaces: tuple[SpaceSearched, ...] = ()
+    missing_spaces: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, response: gw.SearchResponse) -> "SearchResult":
@@ -131,6 +174,8 @@ class SearchResult:
             response.partial,
             tuple(response.missing_shards),
             Model.parse(response.query_model),
+            tuple(SpaceSearched.parse(searched) for searched in response.spaces),
+            tuple(response.missing_spaces),
         )
 
 

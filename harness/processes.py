@@ -1,7 +1,9 @@
 """Real processes on free loopback ports: a throwaway redis-server, and any of the services."""
 
+import fcntl
 import importlib.util
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,10 +24,52 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Ports handed out by free_port, each with its lock file's descriptor, held while this process lives.
+_RESERVED: dict[int, int] = {}
+_LOCKS = Path(tempfile.gettempdir()) / "embeddings-test-ports"
+_LOWEST_PORT = 20000
+# Not the `random` module's generator: test plugins reseed it per test, and suites side by side alike.
+_PICK = random.SystemRandom()
+
+
+def _ephemeral_start() -> int:
+    """The first port the kernel hands to outgoing connections (and to bind(0))."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port for a process to bind, that nothing else takes before it does.
+
+    A port found by binding port 0 is free only until it is released: an outgoing connection (whose local
+    port comes from the same ephemeral range) or a suite running beside this one could take it before the
+    process binds it. So it is picked below that range, reserved by a lock file that every suite on this
+    machine respects (held for as long as this process lives, so later restarts on it stay ours), and
+    checked free by binding it. Services bind without SO_REUSEPORT, so a clash that remains fails loudly.
+    """
+    _LOCKS.mkdir(exist_ok=True)
+    high = _ephemeral_start()
+    for _ in range(10_000):
+        port = _PICK.randrange(_LOWEST_PORT, high)
+        if port in _RESERVED:
+            continue
+        descriptor = os.open(_LOCKS / str(port), os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                os.close(descriptor)
+                continue
+        _RESERVED[port] = descriptor
+        return port
+    raise RuntimeError(f"no free port between {_LOWEST_PORT} and {high} that no other suite holds")
 
 
 def new_log_dir() -> Path:

@@ -11,6 +11,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
+def _alternative_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
 @dataclass(frozen=True)
 class IssuedFiles:
     """PEM files of one certificate: its chain and its key (for a CA, `cert` is the CA certificate)."""
@@ -79,9 +86,15 @@ class CertificateAuthority:
     def cert_path(self) -> Path:
         return self.files.cert
 
-    def issue(self, common_name: str, server: bool = True, client: bool = True) -> IssuedFiles:
-        """A certificate for `common_name` valid for localhost and 127.0.0.1, usable by servers and/or
-        clients."""
+    def issue(
+        self,
+        common_name: str,
+        server: bool = True,
+        client: bool = True,
+        hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
+    ) -> IssuedFiles:
+        """A certificate for `common_name` valid for `hosts` (names, or IP addresses), usable by servers
+        and/or clients."""
         key = ec.generate_private_key(ec.SECP256R1())
         usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
             [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
@@ -96,9 +109,7 @@ class CertificateAuthority:
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
+                x509.SubjectAlternativeName([_alternative_name(host) for host in hosts]),
                 critical=False,
             )
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)

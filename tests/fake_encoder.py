@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -51,6 +51,7 @@ class FakeEncoder(enc_grpc.EncoderServicer):
     finished: int = 0
     # time_remaining() of each Encode as it arrived: the deadline its caller (the gateway) gave it.
     budgets: list[float | None] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)  # every input of every Encode, in arrival order
 
     async def ListModels(
         self, request: enc.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -62,6 +63,7 @@ class FakeEncoder(enc_grpc.EncoderServicer):
     ) -> enc.EncodeResponse:
         self.started += 1
         self.budgets.append(context.time_remaining())
+        self.texts.extend(item.text for item in request.inputs)
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
@@ -90,8 +92,11 @@ class FakeEncoder(enc_grpc.EncoderServicer):
 
 
 @contextmanager
-def fake_encoder(delay_s: float = 0.0) -> Iterator[FakeEncoder]:
-    """A FakeEncoder serving on its `address`, 127.0.0.1:<free port>, until the block ends."""
+def fake_encoder(
+    delay_s: float = 0.0, register: Callable[[grpc.aio.Server], None] | None = None
+) -> Iterator[FakeEncoder]:
+    """A FakeEncoder serving on its `address`, 127.0.0.1:<free port>, until the block ends; `register`
+    adds more servicers to the same server (a fake Recommender, a fake Index, ...)."""
     servicer = FakeEncoder(delay_s, f"127.0.0.1:{free_port()}")
     loop = asyncio.new_event_loop()
     started = threading.Event()
@@ -103,6 +108,8 @@ def fake_encoder(delay_s: float = 0.0) -> Iterator[FakeEncoder]:
         stop = asyncio.Event()
         server = grpc.aio.server()
         enc_grpc.add_EncoderServicer_to_server(servicer, server)
+        if register is not None:
+            register(server)
         server.add_insecure_port(servicer.address)
         await server.start()
         started.set()

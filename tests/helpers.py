@@ -1,4 +1,4 @@
-"""Small helpers shared by the integration tests."""
+"""Small helpers shared by the tests."""
 
 import re
 import urllib.request
@@ -7,6 +7,12 @@ import numpy as np
 from embeddings.v1 import types_pb2 as pb
 
 from services.common.vectors import from_wire
+
+# How late an awaited event may come, past the time the code under test allows for it, on this shared
+# 2-core machine with a CPU hog beside the suite. An upper bound on a duration is that time plus LATE_S,
+# and is asserted only where what it rules out (waiting for a timeout of many seconds, or forever) takes
+# clearly longer.
+LATE_S = 3.0
 
 
 def texts(*values: str) -> list[pb.Input]:

@@ -9,7 +9,8 @@
 - No drift: every variable a manifest or the compose file sets is a setting of the service it is given
   to, each service's settings are built from exactly that environment, and ports, probes, Services and
   the gateway's addresses agree with them.
-- The light image: the gateway and the index shard import with only requirements-core.txt installed.
+- The light image: the gateway and the index shard import, start, store and find items with only
+  requirements-core.txt installed.
 - The images' real entry points: each CMD's module starts with the settings class the environments
   above are checked against; compose and the manifests run the image's own command, user and health
   check (which finds a plaintext port to ask in that environment) on ports the image exposes; the
@@ -42,14 +43,19 @@ from typing import Any
 from unittest import mock
 from urllib.parse import urlsplit
 
+import grpc
 import jsonschema
 import kubernetes_validate
+import numpy as np
 import pytest
 import yaml
+from embeddings.v1 import gateway_pb2, gateway_pb2_grpc
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
+from harness.processes import Service, gateway, index_shard, running
 from services.common.settings import ServiceSettings
+from services.common.vectors import to_wire
 from services.gateway.settings import GatewaySettings
 from services.healthcheck import SETTINGS, probe_port
 from services.index.settings import ShardSettings
@@ -392,13 +398,30 @@ def object_key(obj: dict[str, Any]) -> str:
     return f"{obj['kind']}/{obj['metadata']['name']}"
 
 
-def collected(make: Callable[[], list[str]]) -> list[str]:
-    """Parameters read from the deploy files when the tests are collected; if those cannot be read, none
-    (the tests that read them fail and say why, instead of the whole module failing to load)."""
+@dataclass(frozen=True)
+class Unread:
+    """The parameter of a test whose parameters could not be read from the deploy files: it fails."""
+
+    why: str
+
+
+def collected(make: Callable[[], list[str]]) -> list[Any]:
+    """Parameters read from the deploy files when the tests are collected. If they cannot be read, or
+    there are none, one parameter that fails the test saying why (an empty list would skip it silently,
+    and an exception here would stop the whole module from loading)."""
     try:
-        return make()
-    except Exception:
-        return []
+        params = make()
+    except Exception as error:
+        return [pytest.param(Unread(f"{type(error).__name__}: {error}"), id="unread")]
+    return params or [pytest.param(Unread("the deploy files gave no parameters"), id="unread")]
+
+
+@pytest.fixture(autouse=True)
+def _parameters_were_read(request: pytest.FixtureRequest) -> None:
+    callspec = getattr(request.node, "callspec", None)
+    for value in callspec.params.values() if callspec else ():
+        if isinstance(value, Unread):
+            pytest.fail(f"the deploy files could not be read when the tests were collected: {value.why}")
 
 
 def workloads() -> list[dict[str, Any]]:
@@ -1572,11 +1595,13 @@ def requirement_pins(path: Path) -> dict[str, str]:
     return pins
 
 
-LIGHT_IMAGE_PROBE = textwrap.dedent(
+# Python run as in the light image: what it does not install (the distributions not in argv[1], a JSON
+# list, which is taken off argv) cannot be imported and has no metadata.
+LIGHT_IMAGE = textwrap.dedent(
     """
     import importlib, importlib.metadata as metadata, json, sys
 
-    allowed = set(json.loads(sys.argv[1]))
+    allowed = set(json.loads(sys.argv.pop(1)))
     canonical = lambda name: name.replace("_", "-").replace(".", "-").lower()
     owners = metadata.packages_distributions()
     hidden = lambda dist: canonical(dist) not in allowed
@@ -1604,7 +1629,10 @@ LIGHT_IMAGE_PROBE = textwrap.dedent(
     metadata.Distribution.from_name = classmethod(only_core_from_name)
     metadata.Distribution.discover = classmethod(only_core_discover)
     sys.meta_path.insert(0, CoreOnly())
-
+    """
+)
+LIGHT_IMAGE_PROBE = LIGHT_IMAGE + textwrap.dedent(
+    """
     before = set(sys.modules)
     for module in ("services.gateway.__main__", "services.index.__main__", "services.healthcheck"):
         importlib.import_module(module)
@@ -1645,12 +1673,45 @@ def allowed_distributions(core: set[str]) -> set[str]:
     return allowed
 
 
+def light_image_distributions() -> set[str]:
+    """What the light image installs: requirements-core.txt and what it pulls in, the services, the client
+    (whose contracts they use) and what a virtual environment comes with."""
+    core = set(requirement_pins(ROOT / "requirements-core.txt"))
+    return allowed_distributions(core) | {"embeddings-services", "embeddings-client"} | VENV_BUNDLED
+
+
+def in_the_light_image(service: Service) -> Service:
+    """`service`, started as it runs in the light image (see LIGHT_IMAGE)."""
+    module = service.argv[-1]
+    run = f"import runpy\nrunpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+    service.argv = [sys.executable, "-c", LIGHT_IMAGE + run, json.dumps(sorted(light_image_distributions()))]
+    return service
+
+
+def test_a_gateway_and_a_shard_with_the_core_requirements_only_store_and_find_items(tmp_path: Path) -> None:
+    """Not only imports: every code path of an Upsert and a Search, lazily imported modules included."""
+    rows = np.eye(4, dtype=np.float32)[:3] + 0.1
+    shard = in_the_light_image(index_shard(tmp_path / "shard", log_dir=tmp_path, name="light-index"))
+    with running(shard):
+        front = in_the_light_image(gateway([], "", {}, tmp_path, shards=[shard.address]))
+        front.name = "light-gateway"
+        with running(front), grpc.insecure_channel(front.address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            items = [
+                gateway_pb2.UpsertItem(id=f"item-{n}", vector=to_wire(row)) for n, row in enumerate(rows)
+            ]
+            upserted = stub.Upsert(gateway_pb2.UpsertRequest(space="light", items=items), timeout=30)
+            assert upserted.upserted == 3
+            found = stub.Search(
+                gateway_pb2.SearchRequest(vector=to_wire(rows[1]), space="light", k=3), timeout=30
+            )
+    assert found.hits[0].id == "item-1", found
+    assert sorted(hit.id for hit in found.hits) == ["item-0", "item-1", "item-2"], found
+
+
 def test_gateway_and_shard_run_with_the_core_requirements_only() -> None:
     core = set(requirement_pins(ROOT / "requirements-core.txt"))
-    allowed = allowed_distributions(core)
-    # the services, and the contracts the client carries
-    project = {"embeddings-services", "embeddings-client"}
-    present = allowed | project | VENV_BUNDLED
+    present = light_image_distributions()
     result = subprocess.run(
         [sys.executable, "-c", LIGHT_IMAGE_PROBE, json.dumps(sorted(present))],
         cwd=ROOT,

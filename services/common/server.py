@@ -49,8 +49,14 @@ _KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
+# gRPC binds with SO_REUSEPORT by default: a second instance started on a port already in use would then
+# bind too and take a share of its connections, silently. Without it, that start fails, saying so.
+_EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
+
+
 def _server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     options = [
+        _EXCLUSIVE_PORT,
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         *_KEEPALIVE_OPTIONS,
@@ -68,9 +74,19 @@ async def _start_health_server(
 ) -> grpc.aio.Server:
     """A second, plaintext server that answers only grpc.health.v1 from the main server's health state:
     Kubernetes' native gRPC probes and `HEALTHCHECK` cannot present TLS, and health reveals nothing else."""
-    server = grpc.aio.server(maximum_concurrent_rpcs=16)
+    server = grpc.aio.server(maximum_concurrent_rpcs=16, options=[_EXCLUSIVE_PORT])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+    address = f"{settings.host}:{settings.health_port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as error:
+        prefix = settings.model_config.get("env_prefix", "")
+        log.error(
+            "cannot listen for health checks on %s (%sHEALTH_PORT): in use, or not this host's",
+            address,
+            prefix,
+        )
+        raise SystemExit(1) from error
     await server.start()
     return server
 
@@ -117,12 +133,21 @@ async def serve(
         server,
     )
     address = f"{settings.host}:{settings.port}"
-    if credentials is None:
-        port = server.add_insecure_port(address)
-        transport = "plaintext"
-    else:
-        port = server.add_secure_port(address, credentials)
-        transport = "mutual TLS" if settings.tls_client_ca else "TLS"
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+            transport = "plaintext"
+        else:
+            port = server.add_secure_port(address, credentials)
+            transport = "mutual TLS" if settings.tls_client_ca else "TLS"
+    except RuntimeError as error:
+        log.error(
+            "%s cannot listen on %s (%sPORT): in use by another process, or not this host's",
+            name,
+            address,
+            prefix,
+        )
+        raise SystemExit(1) from error
     await server.start()
     health_server = await _start_health_server(health_servicer, settings) if settings.health_port else None
     start_metrics_server(settings.metrics_port)

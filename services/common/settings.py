@@ -31,7 +31,9 @@ class ServiceSettings(BaseSettings):
     metrics_port: int = Field(..., description="Prometheus /metrics HTTP port; 0 disables it.")
     log_level: str = Field("INFO", description="Python logging level.")
     shutdown_grace_s: float = Field(
-        10.0, description="On SIGTERM, how long in-flight calls may run before they are cancelled."
+        10.0,
+        description="On SIGTERM, how long in-flight calls may run; then they are ended UNAVAILABLE "
+        "(shutting down: retry on another instance), which clients retry.",
     )
     max_message_bytes: int = Field(
         64 * 1024 * 1024, description="Largest gRPC message received or sent, in bytes."

@@ -44,6 +44,13 @@ def prepare_limits(settings: WorkerSettings, max_queued_cost: int, setting: str,
     )
 
 
+def batch_limits(settings: WorkerSettings, max_batch_tokens: int = 0) -> BatchLimits:
+    """How the worker's micro-batchers batch and how many inputs may wait for them (*_MAX_QUEUE)."""
+    return BatchLimits(
+        settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue, max_batch_tokens
+    )
+
+
 def run_worker(
     name: str,
     settings: WorkerSettings,
@@ -56,11 +63,8 @@ def run_worker(
     `max_batch_tokens`: most tokens in one model batch (text workers); 0: batches are limited by count only.
     """
     configure_torch(settings)
-    limits = BatchLimits(
-        settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue, max_batch_tokens
-    )
     service = EncoderService(
-        LoadedModels(name, build_backends(), limits, preparing),
+        LoadedModels(name, build_backends(), batch_limits(settings, max_batch_tokens), preparing),
         settings.max_inputs_per_request,
         settings.stream_window,
     )

@@ -14,6 +14,8 @@ from embeddings.v1 import recommender_pb2 as rec
 from services.common.streaming import ordered_pipeline
 from services.gateway.cold_start import ColdStart
 from services.gateway.encoding import Encoding
+from services.gateway.fused_search import FusedSearch
+from services.gateway.hybrid import HybridSearch
 from services.gateway.indexing import Indexer
 from services.gateway.recommending import Recommendations
 from services.gateway.routing import Router
@@ -31,6 +33,8 @@ class GatewayService(gw_grpc.GatewayServicer):
         encoding: Encoding,
         similarities: Similarities,
         indexer: Indexer,
+        fused: FusedSearch,
+        hybrid: HybridSearch,
         recommendations: Recommendations,
         cold_start: ColdStart,
         settings: GatewaySettings,
@@ -39,6 +43,8 @@ class GatewayService(gw_grpc.GatewayServicer):
         self._encoding = encoding
         self._similarities = similarities
         self._indexer = indexer
+        self._fused = fused
+        self._hybrid = hybrid
         self._recommendations = recommendations
         self._cold_start = cold_start
         self._settings = settings
@@ -83,7 +89,14 @@ class GatewayService(gw_grpc.GatewayServicer):
         return await self._similarities.similarity(request, self._timeout(context))
 
     async def Search(self, request: gw.SearchRequest, context: grpc.aio.ServicerContext) -> gw.SearchResponse:
+        if request.all_spaces:
+            return await self._fused.search(request, self._timeout(context))
         return await self._indexer.search(request, self._timeout(context))
+
+    async def HybridSearch(
+        self, request: gw.HybridSearchRequest, context: grpc.aio.ServicerContext
+    ) -> gw.SearchResponse:
+        return await self._hybrid.search(request, self._timeout(context))
 
     async def Upsert(self, request: gw.UpsertRequest, context: grpc.aio.ServicerContext) -> gw.UpsertResponse:
         return await self._indexer.upsert(request, self._timeout(context))

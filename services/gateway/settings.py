@@ -109,7 +109,19 @@ class GatewaySettings(ServiceSettings):
         "shards that miss it as missing and returns the others' hits (Milvus answers whole or not at all: past "
         "it, UNAVAILABLE).",
     )
-    max_k: int = Field(1000, description="Largest k of a Search.")
+    max_k: int = Field(1000, description="Largest k of a Search (and of a HybridSearch's candidates).")
+    fusion_rrf_k: float = Field(
+        60.0,
+        gt=0,
+        description="K of reciprocal rank fusion (a hit ranked r in a list adds 1 / (K + r)): fused searches "
+        "over every space, and HybridSearch's RRF mix. 60 is the value of Cormack et al. (2009).",
+    )
+    hybrid_candidates: int = Field(
+        100,
+        gt=0,
+        description="HybridSearch: how many of the query's nearest items are ranked by the mix when the "
+        "request does not say (at least its k).",
+    )
     space_claim_ttl_s: float = Field(
         1.0,
         ge=0,
@@ -250,6 +262,11 @@ class GatewaySettings(ServiceSettings):
             )
         if self.dns_nameserver:
             parse_nameserver(self.dns_nameserver)  # ValueError naming what is wrong
+        if self.hybrid_candidates > self.max_k:
+            raise ValueError(
+                f"GATEWAY_HYBRID_CANDIDATES={self.hybrid_candidates} is over GATEWAY_MAX_K={self.max_k}, the most "
+                "a search may return"
+            )
         return self
 
     @model_validator(mode="after")

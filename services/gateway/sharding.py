@@ -376,13 +376,19 @@ class ShardSet:
 
     @staticmethod
     def _shard_error(shard: Shard, method: str, error: grpc.aio.AioRpcError) -> ServiceError:
+        """A shard's failure as the caller's error. Only the item writes (Upsert, Delete) go to several
+        shards at once, so only they can have been applied elsewhere; the space calls come first, alone."""
         if error.code() in _CALLER_ERRORS:
             return relayed(error, f"index shard {shard.address}")
         shard.failed(method, error)
+        applied = "items on other shards were applied" if method in _ITEM_WRITES else "nothing was applied"
         return Unavailable(
             f"index shard {shard.address} did not complete {method} ({error.code().name}: {error.details()}); "
-            "items on other shards were applied; the request is safe to retry as it is"
+            f"{applied}; the request is safe to retry as it is"
         )
+
+
+_ITEM_WRITES = frozenset({"Upsert", "Delete"})
 
 
 async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:

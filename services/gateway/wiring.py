@@ -19,6 +19,8 @@ from services.gateway.choosing import ModelChooser
 from services.gateway.cold_start import ColdStart, ContentEncoder
 from services.gateway.discovery import SrvDiscovery
 from services.gateway.encoding import CachingEncoder, Encoding
+from services.gateway.fused_search import FusedSearch, SpaceSearcher
+from services.gateway.hybrid import HybridSearch
 from services.gateway.index_backend import IndexBackend
 from services.gateway.indexing import Indexer
 from services.gateway.milvus.backend import MilvusBackend
@@ -90,11 +92,14 @@ class Gateway:
         )
         encoder = CachingEncoder(self.router, self.cache)
         self.index = index_backend(settings, credentials)
+        searcher = SpaceSearcher(encoder, self.index)
         self.service = GatewayService(
             self.router,
             Encoding(models, encoder, settings.max_inputs_per_request),
             Similarities(models, encoder, settings.max_inputs_per_request),
             Indexer(self.router, models, encoder, self.index, settings),
+            FusedSearch(self.router, models, searcher, settings),
+            HybridSearch(models, encoder, searcher, settings),
             self.recommendations,
             ColdStart(
                 ContentEncoder(models, encoder, settings.max_inputs_per_request),

@@ -25,7 +25,6 @@ from services.useritem.scale import interaction_weights
 
 MF = "mf"
 EASE = "ease"
-KINDS = (MF, EASE)
 
 Ranked = tuple[np.ndarray, np.ndarray]  # item rows, scores; best first
 

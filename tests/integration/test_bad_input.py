@@ -737,6 +737,107 @@ CASES: list[Case] = [
         "10 dimensions",
         "384-dimensional",
     ),
+    # --- fused and hybrid searches ----------------------------------------------------------------------------
+    case(
+        "gateway: fused Search over spaces none of which hold items (user ids: only useritem-mf)",
+        "gateway",
+        "Gateway/Search",
+        lambda c: gw.SearchRequest(input=pb.Input(user_id="u0"), k=3, all_spaces=True),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "none of the spaces where user inputs have a model (useritem-mf) holds any item",
+    ),
+    case(
+        "gateway: fused Search of a kind no model takes (item ids, on a gateway without a user-item worker)",
+        "plain-gateway",
+        "Gateway/Search",
+        lambda c: gw.SearchRequest(input=pb.Input(item_id="i1"), k=3, all_spaces=True),
+        INVALID,
+        "a model for item inputs is not served here",
+    ),
+    case(
+        "gateway: fused Search naming a space too",
+        "gateway",
+        "Gateway/Search",
+        lambda c: gw.SearchRequest(input=pb.Input(text="a cat"), space="minilm", k=3, all_spaces=True),
+        INVALID,
+        "leave `space` and `model` empty",
+    ),
+    case(
+        "gateway: fused Search by a vector",
+        "gateway",
+        "Gateway/Search",
+        lambda c: gw.SearchRequest(vector=to_wire(unit(MINILM_DIM, 1)), k=3, all_spaces=True),
+        INVALID,
+        "all_spaces needs `input`",
+    ),
+    case(
+        "gateway: HybridSearch for an unknown user",
+        "gateway",
+        "Gateway/HybridSearch",
+        lambda c: gw.HybridSearchRequest(
+            input=pb.Input(text="a cat"), user_id="nobody", useritem_model=MODEL, k=3
+        ),
+        NOT_FOUND,
+        "user_id 'nobody' is not a user of model 'mf'",
+    ),
+    case(
+        "gateway: HybridSearch naming an unknown user-item model",
+        "gateway",
+        "Gateway/HybridSearch",
+        lambda c: gw.HybridSearchRequest(
+            input=pb.Input(text="a cat"), user_id="u1", useritem_model="nope", k=3
+        ),
+        INVALID,
+        "model 'nope' is not served here",
+    ),
+    case(
+        "gateway: HybridSearch naming a text model as the user-item model",
+        "gateway",
+        "Gateway/HybridSearch",
+        lambda c: gw.HybridSearchRequest(
+            input=pb.Input(text="a cat"), user_id="u1", useritem_model=MINILM, k=3
+        ),
+        INVALID,
+        "does not accept user inputs",
+    ),
+    case(
+        "gateway: HybridSearch with a weight over 1",
+        "gateway",
+        "Gateway/HybridSearch",
+        lambda c: gw.HybridSearchRequest(
+            input=pb.Input(text="a cat"), user_id="u1", useritem_model=MODEL, k=3, user_weight=1.5
+        ),
+        INVALID,
+        "user_weight is 1.5; it must be in [0, 1]",
+    ),
+    case(
+        "gateway: HybridSearch with a NaN weight",
+        "gateway",
+        "Gateway/HybridSearch",
+        lambda c: gw.HybridSearchRequest(
+            input=pb.Input(text="a cat"), user_id="u1", useritem_model=MODEL, k=3, user_weight=float("nan")
+        ),
+        INVALID,
+        "user_weight is nan",
+    ),
+    case(
+        "gateway: HybridSearch with fewer candidates than k",
+        "gateway",
+        "Gateway/HybridSearch",
+        lambda c: gw.HybridSearchRequest(
+            input=pb.Input(text="a cat"), user_id="u1", useritem_model=MODEL, k=5, candidates=2
+        ),
+        INVALID,
+        "candidates is 2; it must be at least k (5)",
+    ),
+    case(
+        "gateway: HybridSearch with no user",
+        "gateway",
+        "Gateway/HybridSearch",
+        lambda c: gw.HybridSearchRequest(input=pb.Input(text="a cat"), k=3),
+        INVALID,
+        "user_id is empty",
+    ),
     case(
         "shard: Upsert of a vector of the wrong dimension",
         "shard-a",
@@ -1578,15 +1679,21 @@ def test_bad_input_gets_its_documented_status_and_the_service_still_answers(
     if item.then is not None:
         item.then(cluster)
     answers(cluster, item.target)
+    every_service_is_whole(cluster)
 
 
-def test_zz_every_service_still_answers_a_valid_request(cluster: Cluster) -> None:
-    """Run last: after the whole table, every process is up and answers a valid request."""
+def test_every_service_answers_a_valid_request(cluster: Cluster) -> None:
     for target in ("text", "image", "shard-a", "shard-b", "useritem", "gateway", "plain-gateway"):
         answers(cluster, target)
+    every_service_is_whole(cluster)
+
+
+def every_service_is_whole(cluster: Cluster) -> None:
+    """Whatever ran before (each case checks this after itself, so no test has to run last): every process
+    is up, no refused Fit changed a model, and this module's own processes never answered INTERNAL or
+    UNKNOWN."""
     processes = [cluster.text, cluster.image, *cluster.shards.values(), cluster.useritem, cluster.gateway]
-    assert all(process.running() for process in processes)
+    assert all(process.running() for process in processes), [p.name for p in processes if not p.running()]
     nothing_fitted(cluster)
-    # This module's own processes never answered a bad request with INTERNAL or UNKNOWN.
     for process in [*cluster.shards.values(), cluster.useritem, cluster.gateway]:
         assert counted(process, "INTERNAL") == counted(process, "UNKNOWN") == 0, process.name

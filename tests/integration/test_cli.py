@@ -7,15 +7,20 @@ that resumes without sending the acknowledged items again and leaves each id ind
 import csv
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from embeddings_client import Client, Item
 from harness.processes import free_port
@@ -25,7 +30,16 @@ pytestmark = pytest.mark.integration
 
 SCRIPT = Path(sys.executable).with_name("embeddings")
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "embeddings_client.cli"]
-ENV = {**os.environ, "EMBEDDINGS_ADDRESS": "", "EMBEDDINGS_TOKEN": "", "COLUMNS": "160"}
+# The script imports embeddings_client from this checkout, not from wherever the (shared) venv's editable
+# install points: a worktree's tests run its own client.
+CHECKOUT = str(Path(__file__).resolve().parents[2])
+ENV = {
+    **os.environ,
+    "EMBEDDINGS_ADDRESS": "",
+    "EMBEDDINGS_TOKEN": "",
+    "COLUMNS": "160",
+    "PYTHONPATH": os.pathsep.join(filter(None, [CHECKOUT, os.environ.get("PYTHONPATH", "")])),
+}
 
 
 def embeddings(
@@ -373,3 +387,75 @@ def test_tls_client_certificate_and_token(locked_gateway: SecureGateway) -> None
     assert "all-MiniLM-L6-v2" in {model["id"] for model in allowed}
     assert from_env.returncode == 0, from_env.stderr
     assert refused.returncode == 1 and refused.stderr.startswith("error: UNAUTHENTICATED: ")
+
+
+def test_index_restart_forgets_the_journal(address: str, tmp_path: Path) -> None:
+    notes = tmp_path / "restart-notes.txt"  # ids restart-notes.txt:<line>: no other test's
+    notes.write_text("a heron stood in the shallows\na tram rang its bell\na kettle came to the boil\n")
+    journal = tmp_path / "restart.journal"
+    run = ["--json", "index", notes, "--journal", journal]
+    first = ok_json(embeddings(*run, address=address))
+    again = ok_json(embeddings(*run, address=address))
+    restarted = ok_json(embeddings(*run, "--restart", address=address))
+    assert (first["indexed"], first["skipped"]) == (3, 0)
+    assert (again["indexed"], again["skipped"]) == (0, 3)
+    assert (restarted["indexed"], restarted["skipped"]) == (3, 0)
+    journaled = [json.loads(line)["id"] for line in journal.read_text().splitlines()]
+    assert sorted(journaled) == [f"restart-notes.txt:{n}" for n in (1, 2, 3)]  # each once: a new journal
+
+
+def on_a_terminal(argv: list[str], address: str) -> tuple[int, str]:
+    """Run the command with its stdout on a pseudo-terminal: its exit code and what it wrote there."""
+    controller, terminal = pty.openpty()
+    env = {**ENV, "EMBEDDINGS_ADDRESS": address, "TERM": "xterm"}
+    process = subprocess.Popen(argv, stdout=terminal, stderr=subprocess.PIPE, env=env)
+    os.close(terminal)
+    written = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the command closed the terminal
+            break
+        if not chunk:
+            break
+        written += chunk
+    os.close(controller)
+    return process.wait(60), written.decode(errors="replace")
+
+
+def test_the_progress_bar_shows_on_a_terminal_only(address: str, tmp_path: Path) -> None:
+    notes = tmp_path / "bar-notes.txt"
+    notes.write_text("a lighthouse at dusk\nwaves on the rocks\n")
+    index = [*COMMAND, "index", str(notes), "--journal", str(tmp_path / "bar.journal"), "--restart"]
+    code, shown = on_a_terminal(index, address)
+    assert code == 0 and "indexing" in shown and "2/2" in shown, shown
+    piped = embeddings(*index[len(COMMAND) :], address=address)
+    assert piped.returncode == 0 and "indexed 2" in piped.stdout
+    assert "indexing" not in piped.stdout + piped.stderr, piped.stdout
+    code, as_json = on_a_terminal([*COMMAND, "--json", *index[len(COMMAND) :]], address)
+    assert code == 0 and "indexing" not in as_json and json.loads(as_json)["indexed"] == 2, as_json
+
+
+@pytest.fixture
+def not_serving() -> Iterator[tuple[str, health.HealthServicer]]:
+    """A server answering grpc.health.v1 only, NOT_SERVING until the test says otherwise."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", servicer
+    server.stop(None)
+
+
+def test_health_exits_1_while_the_service_is_not_serving(
+    not_serving: tuple[str, health.HealthServicer],
+) -> None:
+    address, servicer = not_serving
+    down = embeddings("health", address=address)
+    assert (down.returncode, down.stdout.strip()) == (1, "NOT_SERVING"), down.stderr
+    assert json.loads(embeddings("--json", "health", address=address).stdout) == {"status": "NOT_SERVING"}
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    up = embeddings("health", address=address)
+    assert (up.returncode, up.stdout.strip()) == (0, "SERVING"), up.stderr

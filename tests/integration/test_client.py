@@ -9,6 +9,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import redis
+from embeddings.v1 import encoder_pb2 as enc
+from embeddings.v1 import encoder_pb2_grpc as enc_grpc
+from embeddings.v1 import types_pb2 as pb
 from PIL import Image
 
 from embeddings_client import (
@@ -25,7 +29,9 @@ from embeddings_client import (
     Unavailable,
     Unimplemented,
 )
-from harness.processes import Service, free_port
+from harness.processes import RedisServer, Service, free_port
+from services.common.vectors import from_wire
+from services.gateway.cache import cache_key
 from tests import image_files
 from tests.system import TOKEN, SecureGateway, System, ratings
 
@@ -184,6 +190,61 @@ def test_explicit_scores_stay_inside_the_rating_scale(client: Client, fitted: li
         recommended = client.recommend(user, k=3, model=MODEL)
         by_id = {hit.id: hit.score for hit in scored.items}
         assert np.allclose([by_id[hit.id] for hit in recommended.items], [h.score for h in recommended.items])
+
+
+def test_vectors_are_stored_at_unit_length_so_scores_are_cosines(client: Client) -> None:
+    """Vectors of very different lengths: a score is the cosine, whatever the lengths of the stored vector
+    and the query (an inner product with a vector that was not normalised would scale with its length)."""
+    rng = np.random.default_rng(23)
+    lengths = np.array([[0.01], [3.0], [250.0], [1.0], [0.5]], dtype=np.float32)
+    vectors = (rng.normal(size=(5, 6)) * lengths).astype(np.float32)
+    query = (rng.normal(size=6) * 40).astype(np.float32)
+    space = "client-lengths"
+    assert client.upsert([Item(f"len-{n}", vector=row) for n, row in enumerate(vectors)], space=space) == 5
+    found = client.search(query, space=space, k=5)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    cosines = unit @ (query / np.linalg.norm(query))
+    assert [hit.id for hit in found.hits] == [f"len-{n}" for n in np.argsort(-cosines)]
+    assert np.allclose([hit.score for hit in found.hits], np.sort(cosines)[::-1], atol=1e-5)
+    client.drop_space(space)
+
+
+REFIT_MODEL = "client-refit"
+
+
+def test_after_a_refit_ids_are_encoded_and_cached_under_the_new_version(
+    client: Client, system: System, redis_server: RedisServer
+) -> None:
+    users = ["u0", "u1", "u2"]
+    first = list(client.fit(ratings(), model=REFIT_MODEL))[-1].model
+    assert first is not None
+    old = client.encode_users(users, model=REFIT_MODEL)
+    assert old.model.version == first.version and client.encode_users(users, model=REFIT_MODEL).cached == (
+        True,
+        True,
+        True,
+    )
+
+    second = list(client.fit(ratings(users=13), model=REFIT_MODEL))[-1].model  # other data: a new version
+    assert second is not None and second.version != first.version
+    # At once (not after the gateway's next refresh of its model list): the new version's vectors, from the
+    # worker, not the old version's from the cache.
+    new = client.encode_users(users, model=REFIT_MODEL)
+    assert new.model.version == second.version and new.cached == (False, False, False)
+    with grpc.insecure_channel(system.useritem.address) as channel:
+        direct = enc_grpc.EncoderStub(channel).Encode(
+            enc.EncodeRequest(model=REFIT_MODEL, inputs=[pb.Input(user_id=user) for user in users]),
+            timeout=30,
+        )
+    assert direct.model.version == second.version
+    assert np.allclose(new.vectors, np.stack([from_wire(e.vector) for e in direct.embeddings]), atol=1e-6)
+    assert not np.allclose(new.vectors, old.vectors, atol=1e-3)
+    with redis.Redis(port=redis_server.port) as cache:
+        for user in users:
+            assert cache.exists(cache_key(REFIT_MODEL, second.version, pb.Input(user_id=user))) == 1, user
+    again = client.encode_users(users, model=REFIT_MODEL)
+    assert again.model.version == second.version and again.cached == (True, True, True)
+    assert np.allclose(again.vectors, new.vectors, atol=1e-6)
 
 
 def test_encode_stream_answers_each_batch_in_order(client: Client) -> None:

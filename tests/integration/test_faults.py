@@ -318,14 +318,23 @@ WORKER_RECOVERY_S = RECONNECT_MAX_S * 1.2 + 3.0
 
 @pytest.fixture(scope="module")
 def lifecycle_worker(log_dir: Path, text_cache_dir: Path) -> Iterator[Service]:
-    """A worker of its own (started by the first test, not here), with a small queue."""
+    """A worker of its own, with a small queue, not started: each test starts it as it needs (`started`)."""
     settings = {"TEXT_MAX_QUEUE": "64", "TEXT_SHUTDOWN_GRACE_S": "20", "TEXT_CACHE_DIR": str(text_cache_dir)}
     worker = text_worker(settings, log_dir)
     yield worker
     worker.kill()
 
 
+def started(worker: Service) -> Service:
+    """The module's worker, started (again) if it is not running: no test relies on another's start."""
+    if not worker.running():
+        restart(worker)
+    return worker
+
+
 def test_health_is_serving_only_after_the_model_loaded(lifecycle_worker: Service) -> None:
+    if lifecycle_worker.running():
+        lifecycle_worker.kill()  # to watch a start from the beginning
     lifecycle_worker.start()
     seen: list[str] = []
     refused_while_loading = None
@@ -351,6 +360,7 @@ def test_health_is_serving_only_after_the_model_loaded(lifecycle_worker: Service
 
 
 async def test_overload_gets_resource_exhausted_then_serves(lifecycle_worker: Service) -> None:
+    await asyncio.to_thread(started, lifecycle_worker)
     async with grpc.aio.insecure_channel(lifecycle_worker.address) as channel:
         stub = encoder_pb2_grpc.EncoderStub(channel)
         calls = [
@@ -378,7 +388,7 @@ async def test_a_worker_killed_under_load_gets_unavailable_then_the_gateway_reco
     lifecycle_worker: Service, log_dir: Path
 ) -> None:
     settings = {"GATEWAY_WORKER_RECONNECT_MAX_S": str(RECONNECT_MAX_S)}
-    address = lifecycle_worker.address
+    address = (await asyncio.to_thread(started, lifecycle_worker)).address
     with running(gateway([address], "", settings, log_dir)) as service:  # no cache: every call to the worker
         async with grpc.aio.insecure_channel(service.address) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -426,6 +436,7 @@ async def test_a_worker_killed_under_load_gets_unavailable_then_the_gateway_reco
 
 
 async def test_sigterm_finishes_in_flight_calls_then_exits(lifecycle_worker: Service) -> None:
+    await asyncio.to_thread(started, lifecycle_worker)
     async with grpc.aio.insecure_channel(lifecycle_worker.address) as channel:
         stub = encoder_pb2_grpc.EncoderStub(channel)
         calls = [

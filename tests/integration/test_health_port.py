@@ -76,6 +76,20 @@ def test_the_health_check_passes_for_a_serving_shard(plain_shard: Service) -> No
     assert result.stdout.strip() == f"index on port {plain_shard.port}: SERVING"
 
 
+def test_a_second_shard_on_a_port_in_use_exits_saying_so_and_the_first_keeps_all_calls(
+    plain_shard: Service, tmp_path: Path, log_dir: Path
+) -> None:
+    """gRPC's default SO_REUSEPORT would let it bind the same port and take a share of the connections."""
+    second = index_shard(tmp_path, log_dir=log_dir, port=plain_shard.port, name="index-same-port")
+    second.start()
+    try:
+        assert second.wait(30) == 1, second.log_tail()
+    finally:
+        second.kill()
+    assert f"cannot listen on 127.0.0.1:{plain_shard.port} (INDEX_PORT)" in second.log_tail()
+    assert health_status(plain_shard.address) == "SERVING"
+
+
 def test_the_health_check_fails_where_nothing_listens() -> None:
     port = free_port()
     result = healthcheck({"INDEX_PORT": str(port)})

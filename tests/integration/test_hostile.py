@@ -311,6 +311,9 @@ async def test_a_light_image_is_not_stalled_behind_a_heavy_callers_large_ones(gu
         light_s = time.monotonic() - light_started
         await heavy
         heavy_s = time.monotonic() - started
+    print(
+        f"\nlight image beside 24 heavy PNGs: answered in {light_s:.2f} s; the heavy ones took {heavy_s:.2f} s"
+    )
     assert len(answer.embeddings) == 1
     # First come, first served, the light image waited for every heavy one; in turn, for about one of them.
     assert light_s < heavy_s / 3, f"light call {light_s:.2f} s while the heavy ones took {heavy_s:.2f} s"
@@ -466,6 +469,7 @@ def test_sigterm_during_heavy_decoding_stops_within_the_grace(log_dir: Path) -> 
             except grpc.RpcError as error:  # ended by the service, with a status: not a cut connection
                 codes.append(error.code())
                 details.append(error.details() or "")
+    print(f"\nSIGTERM during heavy decoding (1 s grace): exited after {stopped_s:.1f} s; callers got {codes}")
     assert stopped_s < 1 + 10, f"stopped {stopped_s:.1f} s after SIGTERM with a 1 s grace"
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
     assert all("shutting down" in detail for detail in details), details

@@ -480,3 +480,69 @@ def test_a_bad_upsert_stores_nothing(index: Index) -> None:
     for request_, fragment in bad:
         assert fragment in refused(lambda request_=request_: index.stub.Upsert(request_, timeout=20))
     assert "unknown" in refused(lambda: search(index.stub, space, unit(8, 1)))
+
+
+# --- one search across every space -----------------------------------------------------------------------
+
+
+def test_a_search_across_every_space_fuses_by_rank_merges_ids_and_names_their_spaces(
+    index: Index, tiny_clip: TinyClip
+) -> None:
+    """Text has models in two spaces here (MiniLM's and the tiny CLIP's): with `all_spaces` both are
+    searched, each id is one hit whose sources are exactly its ranks in the one-space searches, and its
+    score is the sum of 1 / (60 + rank)."""
+    minilm, clip_text = "all-MiniLM-L6-v2", f"{tiny_clip.space}-text"
+    tag = {"test": f"fusion-{index.backend}"}
+    both = {
+        "red-shoes": "a pair of red running shoes",
+        "blue-hat": "a blue wool hat",
+        "scarf": "a green scarf",
+    }
+    only = {minilm: {"only-minilm": "red leather boots"}, clip_text: {"only-clip": "a red umbrella"}}
+    try:
+        for model in (minilm, clip_text):
+            items = [
+                gw.UpsertItem(
+                    id=key, input=pb.Input(text=text), payload_json=json.dumps({**tag, "by": model})
+                )
+                for key, text in {**both, **only[model]}.items()
+            ]
+            assert index.stub.Upsert(gw.UpsertRequest(model=model, items=items), timeout=60).upserted == 4
+        query, where = pb.Input(text="red shoes"), pb.SearchFilter(payload_equals=tag)
+        fused = index.stub.Search(
+            gw.SearchRequest(input=query, k=10, filter=where, all_spaces=True), timeout=30
+        )
+        single = {
+            space: index.stub.Search(
+                gw.SearchRequest(input=query, k=10, filter=where, space=space), timeout=30
+            )
+            for space in ("minilm", tiny_clip.space)
+        }
+        assert (fused.space, fused.partial, list(fused.missing_spaces)) == ("", False, [])
+        assert sorted((s.model.space, s.model.id, s.hits, s.empty, s.error) for s in fused.spaces) == sorted(
+            [("minilm", minilm, 4, False, ""), (tiny_clip.space, clip_text, 4, False, "")]
+        )
+        assert sorted(ids(fused)) == sorted([*both, "only-minilm", "only-clip"])  # each id once
+        model_of = {"minilm": minilm, tiny_clip.space: clip_text}
+        for hit in fused.hits:
+            ranks = {
+                space: rank
+                for space, response in single.items()
+                for rank, one in enumerate(response.hits, start=1)
+                if one.id == hit.id
+            }
+            assert {source.model.space: source.rank for source in hit.sources} == ranks, hit.id
+            assert all(source.model.id == model_of[source.model.space] for source in hit.sources)
+            assert hit.score == pytest.approx(sum(1 / (60 + rank) for rank in ranks.values()), rel=1e-5)
+            best = min(hit.sources, key=lambda source: source.rank)
+            assert json.loads(hit.payload_json)["by"] == model_of[best.model.space]  # its best source's
+        assert [source.model.space for source in fused.hits[ids(fused).index("only-clip")].sources] == [
+            tiny_clip.space
+        ]
+        assert [hit.score for hit in fused.hits] == sorted((hit.score for hit in fused.hits), reverse=True)
+        # Naming one space is what it was: that space only, no sources.
+        assert single["minilm"].space == "minilm" and not any(hit.sources for hit in single["minilm"].hits)
+        assert ids(single["minilm"])[0] == "red-shoes"
+    finally:
+        index.stub.Delete(gw.DeleteRequest(space="minilm", ids=[*both, "only-minilm"]), timeout=30)
+        index.stub.DropSpace(gw.DropSpaceRequest(space=tiny_clip.space), timeout=30)

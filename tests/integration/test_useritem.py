@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from embeddings.v1 import encoder_pb2 as enc
-from embeddings.v1 import encoder_pb2_grpc, gateway_pb2_grpc, recommender_pb2_grpc
+from embeddings.v1 import encoder_pb2_grpc, gateway_pb2_grpc
 from embeddings.v1 import recommender_pb2 as rec
 from embeddings.v1 import types_pb2 as pb
 
-from harness.processes import RedisServer, Service, gateway, useritem_worker
+from harness.processes import RedisServer, Service, gateway, running, useritem_worker
 from services.common.vectors import from_wire
 from tests.helpers import metric
 
@@ -283,21 +283,22 @@ def all_ids() -> list[pb.Input]:
 # --- before any Fit --------------------------------------------------------------------------------------
 
 
-def test_recommend_before_any_fit_asks_for_a_fit(tmp_path: Path, log_dir: Path) -> None:
-    # a worker of its own: the module's worker may already have been fitted by a test run before this one
-    worker = useritem_worker(tmp_path / "data", WORKER_ENV, log_dir)
-    worker.name = "useritem-unfitted"
-    try:
-        worker.start()
-        worker.wait_serving()
-        with grpc.insecure_channel(worker.address) as channel:
-            error = rpc_error(lambda: recommend(recommender_pb2_grpc.RecommenderStub(channel), user_id(0)))
-            listed = encoder_pb2_grpc.EncoderStub(channel).ListModels(enc.ListModelsRequest(), timeout=5)
-    finally:
-        worker.stop()
-    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
-    assert "call Fit" in error.details() and repr(DEFAULT_MODEL) in error.details()
-    assert not listed.models
+def test_recommend_before_any_fit_asks_for_a_fit(
+    tmp_path: Path, log_dir: Path, redis_server: RedisServer
+) -> None:
+    """On a worker of its own, which nothing has trained (the module's worker may be, whatever ran first)."""
+    (tmp_path / "fit").mkdir()
+    worker = useritem_worker(tmp_path / "data", WORKER_ENV, log_dir, fit_dir=tmp_path / "fit")
+    worker.name = "useritem-untrained"
+    with running(worker):
+        front = gateway([], redis_server.url, GATEWAY_ENV, log_dir, useritem=worker.address)
+        front.name = "gateway-untrained"
+        with running(front), grpc.insecure_channel(front.address) as channel:
+            untrained = gateway_pb2_grpc.GatewayStub(channel)
+            error = rpc_error(lambda: recommend(untrained, user_id(0)))
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+            assert "call Fit" in error.details() and repr(DEFAULT_MODEL) in error.details()
+            assert not untrained.ListModels(enc.ListModelsRequest(), timeout=5).models
 
 
 # --- Fit from a stream -----------------------------------------------------------------------------------
@@ -471,20 +472,34 @@ def test_fold_in_of_a_known_users_interactions_recommends_like_that_user(
 # --- Fit from files --------------------------------------------------------------------------------------
 
 
-def test_fit_from_csv_and_parquet_trains_a_second_model(
-    cluster: Cluster, stub: Stub, planted: Planted, fitted: Fitted
-) -> None:
+@dataclass(frozen=True)
+class CsvFitted:
+    """A second model, "csvmodel", trained from a CSV file of the planted ratings of users 0-149."""
+
+    progress: list[rec.FitProgress]
+    frame: pd.DataFrame
+
+
+@pytest.fixture(scope="module")
+def csv_fitted(cluster: Cluster, stub: Stub, planted: Planted, fitted: Fitted) -> CsvFitted:
     subset_users = {user_id(u) for u in range(150)}
     rows = [(u, i, r) for (u, i), r in planted.ratings.items() if u in subset_users]
     frame = pd.DataFrame(rows, columns=["user_id", "item_id", "rating"])
     (cluster.fit_dir / "ratings").mkdir()
     frame.to_csv(cluster.fit_dir / "ratings" / "subset.csv", index=False)
+    progress = list(
+        stub.Fit(iter([rec.FitRequest(path="ratings/subset.csv", model="csvmodel")]), timeout=120)
+    )
+    return CsvFitted(progress, frame)
+
+
+def test_fit_from_csv_and_parquet_trains_a_second_model(
+    cluster: Cluster, stub: Stub, planted: Planted, fitted: Fitted, csv_fitted: CsvFitted
+) -> None:
+    from_csv, frame = csv_fitted.progress, csv_fitted.frame
+    rows = list(frame.itertuples(index=False))
     frame.assign(timestamp=np.arange(len(frame), dtype=np.int64) + 1_700_000_000).to_parquet(
         cluster.fit_dir / "subset.parquet"
-    )
-
-    from_csv = list(
-        stub.Fit(iter([rec.FitRequest(path="ratings/subset.csv", model="csvmodel")]), timeout=120)
     )
     done = from_csv[-1]
     assert done.done and len(from_csv) > 1

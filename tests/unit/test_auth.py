@@ -8,6 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.common import auth
 from services.common.auth import BearerAuthInterceptor, CredentialFileError, Tokens, bearer_token
 
 
@@ -106,3 +107,19 @@ async def test_health_needs_a_token_when_protected(health_server: str) -> None:
     assert await check(health_server, None) == grpc.StatusCode.UNAUTHENTICATED
     assert await check(health_server, "wrong") == grpc.StatusCode.UNAUTHENTICATED
     assert await check(health_server, "secret") == grpc.StatusCode.OK
+
+
+def test_a_changed_file_is_read_again_within_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README promises rotation within a second: checked on a clock the test moves, not the wall's."""
+    clock = [1000.0]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: clock[0])
+    path = tmp_path / "tokens"
+    path.write_text("old\n")
+    tokens = Tokens([], str(path))  # the default recheck period
+    assert tokens.accepts("old")
+    path.write_text("rotated\n")
+    os.utime(path, ns=(1, 1))  # a different stamp even within one clock tick
+    clock[0] += 1.0
+    assert tokens.accepts("rotated") and not tokens.accepts("old")

@@ -26,6 +26,7 @@ INVOCATIONS: dict[str, Callable[[Client], Any]] = {
     "encode_stream": lambda c: c.encode_stream([["a cat"]]),
     "similarity": lambda c: c.similarity(["a cat"], ["a dog"]),
     "search": lambda c: c.search("a kitten"),
+    "hybrid_search": lambda c: c.hybrid_search("red shoes", "u1"),
     "upsert": lambda c: c.upsert([Item("a", text="a cat")]),
     "upsert_stream": lambda c: c.upsert_stream([[Item("a", vector=np.ones(2))]], space="s"),
     "delete": lambda c: c.delete(["a"], space="s"),
@@ -46,6 +47,7 @@ COMMANDS = {
     "Similarity": ["similarity"],
     "ListModels": ["models"],
     "Search": ["search"],
+    "HybridSearch": ["hybrid"],
     "Upsert": ["index"],  # the CLI's bulk indexing makes its upserts through UpsertStream
     "UpsertStream": ["index"],
     "Delete": ["delete"],

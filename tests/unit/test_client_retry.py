@@ -12,12 +12,14 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from embeddings.v1 import encoder_pb2 as enc
+from embeddings.v1 import gateway_pb2 as gw
 from embeddings.v1 import gateway_pb2_grpc
 from embeddings.v1 import recommender_pb2 as rec
 
-from embeddings_client import AsyncClient, Client, InvalidArgument, RetryPolicy, Unavailable
+from embeddings_client import AsyncClient, Client, InvalidArgument, Item, RetryPolicy, Unavailable
 from embeddings_client.retry import acall_with_retry, call_with_retry
 from tests.unit.test_client_errors import FakeRpcError
 
@@ -125,8 +127,15 @@ def test_a_policy_needs_at_least_one_attempt() -> None:
 # --- the wiring, against an in-process server ------------------------------------------------------------
 
 
+def _drain(requests: Iterator[Any]) -> None:
+    """Read the caller's whole stream before failing it: an asyncio client still writing when the status
+    arrives reports INTERNAL "Internal error from Core" instead of the status (grpc/grpc#36066)."""
+    for _ in requests:
+        pass
+
+
 class FailingGateway(gateway_pb2_grpc.GatewayServicer):
-    """ListModels: UNAVAILABLE `failures` times, then OK. Fit: always UNAVAILABLE. Records every call's
+    """ListModels: UNAVAILABLE `failures` times, then OK. Fit, UpsertStream, EncodeStream: always UNAVAILABLE. Records every call's
     deadline and authorization metadata."""
 
     def __init__(self, failures: int) -> None:
@@ -156,8 +165,25 @@ class FailingGateway(gateway_pb2_grpc.GatewayServicer):
         self, request_iterator: Iterator[rec.FitRequest], context: grpc.ServicerContext
     ) -> Iterator[rec.FitProgress]:
         self._record("Fit", context)
+        _drain(request_iterator)
         context.abort(grpc.StatusCode.UNAVAILABLE, "worker down")
         yield rec.FitProgress()
+
+    def UpsertStream(
+        self, request_iterator: Iterator[gw.UpsertRequest], context: grpc.ServicerContext
+    ) -> Iterator[gw.UpsertResponse]:
+        self._record("UpsertStream", context)
+        _drain(request_iterator)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "shard down")
+        yield gw.UpsertResponse()
+
+    def EncodeStream(
+        self, request_iterator: Iterator[enc.EncodeRequest], context: grpc.ServicerContext
+    ) -> Iterator[enc.EncodeResponse]:
+        self._record("EncodeStream", context)
+        _drain(request_iterator)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "worker down")
+        yield enc.EncodeResponse()
 
     def Search(self, request: object, context: grpc.ServicerContext) -> None:
         self._record("Search", context)
@@ -192,9 +218,14 @@ def assert_one_deadline(servicer: FailingGateway, timeout_s: float, started: flo
     less time left than the one before, by at least the back-off waited between them."""
     remaining = [left for _, left, _ in servicer.calls]
     assert all(left is not None and left <= timeout_s + DEADLINE_SLACK_S for left in remaining), remaining
-    assert all(
-        abs(deadline - (started + timeout_s)) <= DEADLINE_SLACK_S for deadline in servicer.deadlines
-    ), [deadline - started for deadline in servicer.deadlines]
+    # One deadline: the attempts' deadlines agree (a fresh one per retry would move each by the back-off
+    # waited, 0.2 s or more), and it is no earlier than the call's timeout after the test began (it may be
+    # later by the time the client took to start the call, on a busy machine).
+    deadlines = servicer.deadlines
+    assert max(deadlines) - min(deadlines) <= DEADLINE_SLACK_S, [deadline - started for deadline in deadlines]
+    assert min(deadlines) >= started + timeout_s - DEADLINE_SLACK_S, [
+        deadline - started for deadline in deadlines
+    ]
     assert all(later < earlier for earlier, later in itertools.pairwise(remaining)), remaining  # type: ignore[operator]
 
 
@@ -236,3 +267,56 @@ def test_the_client_does_not_retry_fit_or_answers(serve: Callable[[FailingGatewa
         with pytest.raises(InvalidArgument, match="k=0"):
             client.search("x", k=0)
     assert [method for method, _, _ in servicer.calls] == ["Fit", "Search"]
+
+
+def test_streams_are_never_retried(serve: Callable[[FailingGateway], str]) -> None:
+    servicer = FailingGateway(failures=0)
+    with Client(serve(servicer), retry=RetryPolicy(initial_backoff_s=0.01)) as client:
+        with pytest.raises(Unavailable, match="shard down"):
+            list(client.upsert_stream([[Item("a", vector=np.ones(2, dtype=np.float32))]], space="s"))
+        with pytest.raises(Unavailable, match="worker down"):
+            list(client.encode_stream([["a text"]]))
+    assert [method for method, _, _ in servicer.calls] == ["UpsertStream", "EncodeStream"]
+
+
+# The README's defaults: 30 s for a unary call, 3600 s for a stream, when the caller gives none.
+UNARY_DEFAULT_S, STREAM_DEFAULT_S = 30.0, 3600.0
+
+
+def assert_default_deadlines(servicer: FailingGateway) -> None:
+    """Each call's time left, as the server saw it on arrival: the default, less the little time taken to
+    get there (a 10 s margin for a loaded machine), rounded up by gRPC's timeout header (coarsely for long
+    timeouts: 3600 s arrives as 3610 s, so 1 % above)."""
+    seen = {method: left for method, left, _ in servicer.calls}
+    assert set(seen) == {"ListModels", "UpsertStream", "Fit"}, seen
+    expected = {"ListModels": UNARY_DEFAULT_S, "UpsertStream": STREAM_DEFAULT_S, "Fit": STREAM_DEFAULT_S}
+    for method, default_s in expected.items():
+        left = seen[method]
+        assert left is not None and default_s - 10 < left <= default_s * 1.01, (method, left)
+
+
+def test_calls_without_a_timeout_get_the_default_deadlines(serve: Callable[[FailingGateway], str]) -> None:
+    servicer = FailingGateway(failures=0)
+    with Client(serve(servicer)) as client:
+        assert client.list_models() == []
+        with pytest.raises(Unavailable):
+            list(client.upsert_stream([[Item("a", vector=np.ones(2, dtype=np.float32))]], space="s"))
+        with pytest.raises(Unavailable):
+            list(client.fit([("u", "i", 1.0)], model="m"))
+    assert_default_deadlines(servicer)
+
+
+def test_the_asyncio_client_has_the_same_default_deadlines(serve: Callable[[FailingGateway], str]) -> None:
+    servicer = FailingGateway(failures=0)
+
+    async def calls() -> None:
+        async with AsyncClient(serve(servicer)) as client:
+            assert await client.list_models() == []
+            with pytest.raises(Unavailable):
+                batches = [[Item("a", vector=np.ones(2, dtype=np.float32))]]
+                _ = [ack async for ack in client.upsert_stream(batches, space="s")]
+            with pytest.raises(Unavailable):
+                _ = [progress async for progress in client.fit([("u", "i", 1.0)], model="m")]
+
+    asyncio.run(calls())
+    assert_default_deadlines(servicer)

@@ -19,6 +19,7 @@ from services.index.damage import Damaged
 from services.index.service import IndexService
 from services.index.settings import IndexSettings
 from services.index.store import IndexStore
+from tests.unit.index_data import kill
 
 _CONTEXT: Any = None
 
@@ -110,7 +111,7 @@ async def test_a_newer_generation_replaces_the_older_durably(tmp_path: Path) -> 
         await upsert(service, "s", 0, item("late", 8, 4))
     with pytest.raises(FailedPrecondition, match="stale"):
         await search(service, "s", 0, unit(1, 8))
-    store._log.close()  # killed: the next start replays the log (with snapshots every 5 ops, both)
+    await kill(store)  # the next start replays the log (with snapshots every 5 ops, both)
     restarted = IndexStore(settings(root))
     await restarted.open()
     try:

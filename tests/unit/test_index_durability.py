@@ -331,6 +331,53 @@ async def test_a_snapshot_is_also_taken_when_the_log_grows_past_its_byte_bound(
     assert store._unsnapshotted < 15
 
 
+async def test_a_snapshot_is_taken_every_snapshot_interval_when_writes_are_unsnapshotted(
+    tmp_path: Path, open_store: OpenStore
+) -> None:
+    settings = store_settings(tmp_path, snapshot_interval_s=0.2)  # the op and byte bounds are far off
+    store = await open_store(settings)
+    rows = unit_rows(3, _DIM, seed=12)
+    await store.write([upsert("s", f"i{n}", rows[n]) for n in range(3)])
+
+    def written() -> list[str]:
+        return [name for name in snapshot_names(settings) if not name.startswith(".tmp-")]
+
+    # Waited for with a deadline (the interval plus a loaded machine's margin), not assumed.
+    await until(lambda: bool(written()), timeout=30)
+    assert store._unsnapshotted == 0
+
+
+async def test_concurrent_writes_share_one_fsync(
+    tmp_path: Path, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes that arrive while an fsync runs are logged together and made durable by the next one fsync,
+    each acknowledged only after it (INDEX_FSYNC=always)."""
+    store = await open_store(store_settings(tmp_path))
+    rows = unit_rows(21, _DIM, seed=13)
+    real_fsync = os.fsync
+    entered, release = threading.Event(), threading.Event()
+    synced: list[int] = []
+
+    def held_fsync(fd: int) -> None:
+        synced.append(fd)
+        if len(synced) == 1:  # the first write's fsync waits until the others are queued behind it
+            entered.set()
+            release.wait(30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", held_fsync)
+    first = asyncio.ensure_future(store.write([upsert("s", "i0", rows[0])]))
+    assert await asyncio.to_thread(entered.wait, 30)
+    rest = [asyncio.ensure_future(store.write([upsert("s", f"i{n}", rows[n])])) for n in range(1, 21)]
+    await asyncio.sleep(0)  # each has queued its write
+    assert not any(write.done() for write in [first, *rest])  # none acknowledged before its fsync
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, *rest), 30)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert len(synced) == 2, f"{len(synced)} fsyncs for 21 writes"
+    assert store.held("s")[0].live == 21
+
+
 # --- an upgrade: data written by the first on-disk format ---------------------------------------------
 
 

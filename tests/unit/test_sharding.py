@@ -1,6 +1,9 @@
 """Which shard owns an item: stable, balanced, and moving few ids when a shard is added."""
 
-from services.gateway.sharding import jump_hash, shard_of
+import grpc
+import pytest
+
+from services.gateway.sharding import ShardSet, jump_hash, shard_of
 
 
 def test_an_id_always_maps_to_the_same_shard() -> None:
@@ -51,3 +54,33 @@ def test_placements_match_an_independent_jump_hash_over_blake2b() -> None:
     ids = [f"item-{n}" for n in range(3000)] + ["", "é", "x" * 512, "space\0id"]
     for buckets in (1, 2, 3, 4, 7, 10, 64):
         assert [shard_of(item, buckets) for item in ids] == _reference_placements(ids, buckets), buckets
+
+
+class _FailingShard:
+    address = "10.0.0.7:50061"
+
+    def failed(self, method: str, error: object) -> None:
+        """What the shard set counts; nothing to count here."""
+
+
+@pytest.mark.parametrize(
+    ("method", "says"),
+    [
+        ("Upsert", "items on other shards were applied"),
+        ("Delete", "items on other shards were applied"),
+        ("LookupSpace", "nothing was applied"),
+        ("ClaimSpace", "nothing was applied"),
+        ("DropSpace", "nothing was applied"),
+    ],
+)
+def test_a_shard_failure_says_what_was_applied(method: str, says: str) -> None:
+    """Only the item writes go to several shards at once; the space calls come first, alone."""
+    error = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down"
+    )
+    refused = ShardSet._shard_error(_FailingShard(), method, error)  # type: ignore[arg-type]
+    assert refused.code == grpc.StatusCode.UNAVAILABLE
+    assert (
+        f"index shard 10.0.0.7:50061 did not complete {method} (UNAVAILABLE: down); {says};"
+        in refused.message
+    )
