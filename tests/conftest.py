@@ -17,6 +17,13 @@ from tests.resnet_checkpoint import make_resnet18_checkpoint
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """The order's seed, last (`make test` runs quietly, without the header that names it)."""
+    seed = config.getoption("randomly_seed", default=None)
+    if isinstance(seed, int):
+        terminalreporter.write_line(f"tests ran in random order: pytest --randomly-seed={seed} repeats it")
+
+
 @pytest.fixture(scope="session")
 def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
