@@ -517,6 +517,17 @@ def retry_unavailable(call: Any, within_s: float = 60.0) -> Any:
             time.sleep(0.2)
 
 
+def every_front_reaches_every_shard(two_fronts: dict) -> None:
+    """Whatever an earlier test did to the shards (one restarts a shard: a gateway that has not called it
+    since may still be in reconnect back-off), each gateway writes to both shards before the test starts."""
+    items = [gw.UpsertItem(id=f"reach-{i}", vector=to_wire(unit(8, 900 + i))) for i in range(8)]
+    assert {shard_of(item.id, 2) for item in items} == {0, 1}
+    for front in two_fronts["fronts"]:
+        with grpc.insecure_channel(front.address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            retry_unavailable(lambda: stub.Upsert(gw.UpsertRequest(space="reach", items=items), timeout=10))  # noqa: B023
+
+
 def held(shard: Service, space: str) -> tuple[int, int, int] | None:
     """(dimension, items, generation) of `space` on `shard`, from its own Stats; None: not held."""
     with grpc.insecure_channel(shard.address) as channel:
@@ -526,6 +537,7 @@ def held(shard: Service, space: str) -> tuple[int, int, int] | None:
 
 
 async def test_two_gateways_racing_to_create_a_space_agree_on_one_dimension(two_fronts: dict) -> None:
+    await asyncio.to_thread(every_front_reaches_every_shard, two_fronts)
     channels = [grpc.aio.insecure_channel(front.address) for front in two_fronts["fronts"]]
     try:
         stubs = [gateway_pb2_grpc.GatewayStub(channel) for channel in channels]
@@ -564,6 +576,7 @@ async def test_two_gateways_racing_to_create_a_space_agree_on_one_dimension(two_
 def test_a_dropped_space_is_gone_everywhere_and_can_come_back_with_another_dimension(
     two_fronts: dict,
 ) -> None:
+    every_front_reaches_every_shard(two_fronts)
     first, second = two_fronts["fronts"]
     with grpc.insecure_channel(first.address) as a, grpc.insecure_channel(second.address) as b:
         one, other = gateway_pb2_grpc.GatewayStub(a), gateway_pb2_grpc.GatewayStub(b)
