@@ -9,7 +9,7 @@ PROTOS := $(wildcard $(PROTO_DIR)/embeddings/v1/*.proto)
 VERSION := 0.1.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup deps redis-server protos test test-unit run bench bench-peer bench-agreement bench-image bench-index bench-backends bench-storage bench-useritem bench-useritem-memory soak lint clean images deploy-smoke client-wheel
+.PHONY: setup deps redis-server protos test test-unit run bench bench-peer bench-agreement bench-ceiling bench-image bench-index bench-backends bench-storage bench-useritem bench-useritem-memory soak lint clean images deploy-smoke client-wheel
 
 setup: deps redis-server protos ## Install everything: Python deps (pinned), redis-server, generated contracts.
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . -e clients/python
@@ -61,6 +61,9 @@ bench-peer: protos ## Side by side with Infinity (../shared/peer_bench/setup.sh 
 
 bench-agreement: protos ## The text worker's vectors against sentence-transformers' own encode on the benchmark corpus, and the int8 variant's.
 	$(BENCH_PY) bench/agreement.py
+
+bench-ceiling: protos ## What the text model alone costs in this process (no server): the ceiling under every serving figure.
+	$(BENCH_PY) bench/model_ceiling.py
 
 bench-image: protos ## Image throughput figures only.
 	$(BENCH_PY) bench/image_throughput.py

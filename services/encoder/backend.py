@@ -26,7 +26,13 @@ class Prepared:
 
 
 class EncoderBackend(ABC):
-    """One model. `load`, `prepare` and `encode` block: the servicer runs them off the event loop."""
+    """One model. `load`, `prepare` and `encode` block: the servicer runs them off the event loop.
+
+    `lanes`: how many `encode` calls the backend runs well at once, each on a thread of its own (the
+    worker's batcher runs up to that many batches concurrently); 1 unless the backend says otherwise.
+    """
+
+    lanes: int = 1
 
     @abstractmethod
     def load(self) -> ModelCard:

@@ -12,6 +12,12 @@ deadline has passed are dropped before they reach the model.
 A model pads every input of a call to the longest one, so a batch is not run as it was taken: its inputs
 are sorted by length and cut into the groups that cost the least padding plus per-call overhead
 (`by_length`), one model call each, all in one turn of the model thread.
+
+A backend that runs concurrent calls well (ONNX Runtime with a single-threaded session per call) asks for
+`lanes` > 1: then up to that many batches run at once, each on a model thread of its own, and a batch is
+taken whenever a lane is free. On a machine whose cores the gRPC server and the tokenizer share, one
+single-threaded call per core wasted less than one call spread over every core, whose threads wait for
+each other at every operator (README, Performance).
 """
 
 import asyncio
@@ -61,9 +67,13 @@ class MicroBatcher(Generic[T, R]):
         max_queue: int,
         max_batch_tokens: int = 0,
         length: Callable[[T], int] = lambda _: 1,
+        lanes: int = 1,
     ) -> None:
         """`length(item)`: the tokens the model pads `item` to the batch's longest from (1 for inputs of
-        one size, such as images); `max_batch_tokens`: most tokens in one batch, 0: no limit."""
+        one size, such as images); `max_batch_tokens`: most tokens in one batch, 0: no limit; `lanes`:
+        most batches running at once (`executor` needs that many threads)."""
+        if lanes < 1:
+            raise ValueError(f"{name}: lanes must be at least 1, got {lanes}")
         self.name = name
         self._process = process
         self._executor = executor
@@ -72,6 +82,8 @@ class MicroBatcher(Generic[T, R]):
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._length = length
+        self._lanes = asyncio.Semaphore(lanes)
+        self._running: set[asyncio.Task[None]] = set()
         self._queue: RoundRobin[tuple[_Request[T], int, float]] = RoundRobin()
         self._queued_tokens = 0
         self._arrived = asyncio.Event()
@@ -88,9 +100,10 @@ class MicroBatcher(Generic[T, R]):
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [*([self._task] if self._task is not None else []), *self._running]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def submit(self, items: Sequence[T], timeout: float | None = None, caller: str = "") -> list[R]:
         """Queue `items` as `caller`'s; return their results in order. `timeout`: seconds the caller will wait."""
@@ -120,10 +133,19 @@ class MicroBatcher(Generic[T, R]):
             await self._arrived.wait()
             self._arrived.clear()
             while self._queue:
+                await self._lanes.acquire()
                 await self._fill(loop)
                 batch = self._take(loop.time())
-                if batch:
-                    await self._execute(loop, batch)
+                if not batch:
+                    self._lanes.release()
+                    continue
+                task = loop.create_task(self._execute(loop, batch), name=f"batch-{self.name}")
+                self._running.add(task)
+                task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._lanes.release()
 
     async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait for a full batch, or until the oldest queued input has waited max_wait_s."""

@@ -105,8 +105,10 @@ class LoadedModels(ModelSource):
         self._backends = list(backends)
         self._limits = limits
         self._models: dict[str, BatchedModel] = {}
-        # One model thread: models take turns on the cores instead of oversubscribing them.
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        # As many model threads as the backend with the most lanes runs batches at once (one, unless a
+        # backend runs concurrent calls well): models take turns on them instead of oversubscribing the cores.
+        lanes = max((backend.lanes for backend in self._backends), default=1)
+        self._model_thread = ThreadPoolExecutor(lanes, thread_name_prefix="model")
         self._preparer = Preparer(name, preparing)
 
     def models(self) -> list[ServedModel]:
@@ -131,6 +133,7 @@ class LoadedModels(ModelSource):
                 max_queue=self._limits.max_queue,
                 max_batch_tokens=self._limits.max_batch_tokens,
                 length=padded_length,
+                lanes=backend.lanes,
             )
             batcher.start()
             model = BatchedModel(backend, card, batcher, self._preparer)

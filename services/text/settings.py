@@ -35,7 +35,16 @@ class TextSettings(WorkerSettings):
     sentence_int8_model_id: str = Field(
         "all-MiniLM-L6-v2-int8", description="Model id of the int8 variant in requests."
     )
-    onnx_threads: int = Field(0, description="ONNX Runtime intra-op threads; 0: one per core.")
+    onnx_threads: int = Field(
+        0, description="ONNX Runtime intra-op threads of a batch that runs alone; 0: one per core."
+    )
+    onnx_lanes: int = Field(
+        1,
+        ge=0,
+        description="Most batches the ONNX sentence model runs at once; above 1 a batch that starts while "
+        "another runs goes to a second, single-threaded session (a second copy of the weights): more "
+        "throughput under load, slower lone requests (README, Performance); 0: one per core.",
+    )
     cache_dir: str = Field(
         "~/.cache/embeddings",
         description="Where computed artefacts (the ONNX copies of the sentence model, keyed by the hash of "

@@ -3,7 +3,10 @@ sentence-transformers makes, and the ONNX Runtime vectors equal torch's and sent
 long (truncated) texts included; the int8 variant is close, and a model of its own."""
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -95,3 +98,41 @@ def test_the_int8_variant_is_close_and_a_model_of_its_own(onnx_backend, text_cac
     agreement = cosine(got, fp32)
     assert agreement.mean() >= 0.98 and agreement.min() >= 0.95
     assert not np.allclose(got, fp32, atol=1e-4)  # it is the quantised graph, not the fp32 one again
+
+
+class _HeldSession:
+    """An ONNX Runtime session whose runs wait for `release` (bounded), counting them."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.runs = 0
+        self.release = threading.Event()
+
+    def run(self, *args: Any) -> Any:
+        self.runs += 1
+        self.release.wait(10)
+        return self.session.run(*args)
+
+
+def test_with_two_lanes_a_batch_that_starts_while_another_runs_takes_the_second_session(
+    onnx_backend, text_cache_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    laned = OnnxSentenceBackend("", "all-MiniLM-L6-v2", "minilm", 50_000, str(text_cache_dir), 0, lanes=2)
+    assert laned.load() == onnx_backend.card and laned.lanes == 2
+    prepared = laned.prepare(texts(*TEXTS), strict=False)
+    expected = onnx_backend.encode(prepared)
+    main, side = _HeldSession(laned._session), _HeldSession(laned._side_session)
+    side.release.set()
+    laned._session, laned._side_session = main, side
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(laned.encode, prepared[:4])
+        while not main.runs:
+            threading.Event().wait(0.001)
+        second = pool.submit(laned.encode, prepared[4:])  # starts while the first runs: the side session
+        rows_second = second.result(10)
+        main.release.set()
+        rows_first = first.result(10)
+    assert (main.runs, side.runs) == (1, 1)
+    assert np.all(cosine(np.concatenate([rows_first, rows_second]), expected) >= 0.9999)
+    assert np.allclose(laned.encode(prepared), expected, atol=1e-5)  # alone again: the main session
+    assert (main.runs, side.runs) == (2, 1)

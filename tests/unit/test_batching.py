@@ -66,9 +66,10 @@ async def make_batcher() -> AsyncIterator[MakeBatcher]:
         delay_s: float = 0.0,
         max_batch_tokens: int = 0,
         length: Callable[[int], int] = lambda _: 1,
+        lanes: int = 1,
     ) -> tuple[MicroBatcher, Model]:
         model = Model(blocked=blocked, delay_s=delay_s)
-        executor = ThreadPoolExecutor(1)
+        executor = ThreadPoolExecutor(lanes)
         batcher: MicroBatcher = MicroBatcher(
             f"test-{len(created)}",
             model,
@@ -78,6 +79,7 @@ async def make_batcher() -> AsyncIterator[MakeBatcher]:
             max_queue=max_queue,
             max_batch_tokens=max_batch_tokens,
             length=length,
+            lanes=lanes,
         )
         batcher.start()
         created.append((batcher, model, executor))
@@ -392,3 +394,40 @@ def test_groups_by_length_cost_the_least_padding_plus_calls() -> None:
 def test_inputs_of_one_length_stay_one_group_in_order() -> None:
     assert by_length([7] * 5, 16) == [[0, 1, 2, 3, 4]]
     assert by_length([1] * 3, 0) == [[0, 1, 2]]
+
+
+async def test_with_two_lanes_a_second_batch_runs_while_the_first_is_busy(make_batcher: MakeBatcher) -> None:
+    batcher, model = make_batcher(max_batch_size=2, max_wait_s=0.001, blocked=True, lanes=2)
+    busy = await hold_model(batcher, model)
+    second = asyncio.create_task(batcher.submit([1, 2]))
+    third = asyncio.create_task(batcher.submit([3]))
+    await until(lambda: len(model.batches) == 2)  # the first still held: two batches in the model at once
+    assert model.batches == [[1000], [1, 2]] and batcher.queued == 1  # no third lane: [3] waits
+    model.gate.set()
+    assert (await busy, await second, await third) == ([2000], [2, 4], [6])
+    assert model.batches[2] == [3]
+
+
+async def test_with_two_lanes_a_failing_batch_fails_only_its_requests(make_batcher: MakeBatcher) -> None:
+    batcher, model = make_batcher(max_batch_size=1, max_wait_s=0.001, blocked=True, lanes=2)
+    busy = await hold_model(batcher, model)
+    poisoned = asyncio.create_task(batcher.submit([POISON]))
+    await until(lambda: len(model.batches) == 2)
+    model.gate.set()
+    assert await busy == [2000]
+    with pytest.raises(ValueError):
+        await poisoned
+    assert await batcher.submit([4, 5]) == [8, 10]
+
+
+def test_a_batcher_needs_at_least_one_lane() -> None:
+    with pytest.raises(ValueError, match="lanes"):
+        MicroBatcher(
+            "no-lanes",
+            lambda items: items,
+            ThreadPoolExecutor(1),
+            max_batch_size=1,
+            max_wait_s=0,
+            max_queue=1,
+            lanes=0,
+        )

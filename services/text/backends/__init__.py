@@ -40,4 +40,5 @@ def _sentence_backend(settings: TextSettings, int8: bool) -> EncoderBackend:
         settings.cache_dir,
         settings.onnx_threads,
         int8=int8,
+        lanes=settings.onnx_lanes,
     )
