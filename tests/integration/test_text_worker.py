@@ -1,6 +1,7 @@
 """The text worker over real gRPC: vectors equal the reference libraries', bad input is refused clearly."""
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -9,6 +10,7 @@ from embeddings.v1 import encoder_pb2 as enc
 from embeddings.v1 import encoder_pb2_grpc
 from embeddings.v1 import types_pb2 as pb
 
+from harness.processes import running, text_worker
 from tests.clip_checkpoint import TinyClip
 from tests.helpers import cosine, metric, texts, vectors
 
@@ -173,3 +175,36 @@ def test_bad_request_gets_invalid_argument_and_worker_keeps_serving(worker_stub,
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert fragment in caught.value.details()
     assert len(worker_stub.Encode(enc.EncodeRequest(inputs=texts("still serving"))).embeddings) == 1
+
+
+async def test_with_two_lanes_concurrent_callers_get_their_own_vectors(
+    log_dir: Path, text_cache_dir: Path, minilm
+) -> None:  # type: ignore[no-untyped-def]
+    """TEXT_ONNX_LANES=2: batches run side by side on two sessions; callers that give up mid-way (a
+    deadline of 1 ms) do not disturb the others, and the worker answers afterwards."""
+    env = {"TEXT_ONNX_LANES": "2", "TEXT_CACHE_DIR": str(text_cache_dir), "TEXT_MAX_BATCH_SIZE": "4"}
+    with running(text_worker(env, log_dir)) as worker:
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            stub = encoder_pb2_grpc.EncoderStub(channel)
+            sentences = [" ".join(["lane"] * (1 + i % 30)) + f" {i}" for i in range(64)]
+
+            async def encode(i: int, sentence: str) -> enc.EncodeResponse | None:
+                metadata = (("embeddings-caller", f"caller-{i % 4}"),)
+                if i % 5 == 0:
+                    with pytest.raises(grpc.aio.AioRpcError) as gave_up:
+                        await stub.Encode(
+                            enc.EncodeRequest(inputs=texts(sentence)), timeout=0.001, metadata=metadata
+                        )
+                    assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    return None
+                return await stub.Encode(
+                    enc.EncodeRequest(inputs=texts(sentence)), timeout=60, metadata=metadata
+                )
+
+            responses = await asyncio.gather(*(encode(i, s) for i, s in enumerate(sentences)))
+            answered = [(s, r) for s, r in zip(sentences, responses, strict=True) if r is not None]
+            got = np.stack([vectors(r)[0] for _, r in answered])
+            expected = minilm.encode([s for s, _ in answered], convert_to_numpy=True)
+            assert len(answered) == 51 and np.all(cosine(got, expected) >= 0.9999)
+            after = await stub.Encode(enc.EncodeRequest(inputs=texts("after")), timeout=60)
+            assert np.all(cosine(vectors(after), minilm.encode(["after"], convert_to_numpy=True)) >= 0.9999)
