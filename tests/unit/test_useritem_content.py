@@ -17,18 +17,15 @@ from embeddings.v1 import types_pb2 as pb
 
 from services.common.errors import ServiceError
 from services.common.vectors import from_wire, to_wire
-from services.useritem.catalog import Catalog
 from services.useritem.content_map import learn_content_map
-from services.useritem.fitting import Fitter
-from services.useritem.service import RecommenderService
 from services.useritem.settings import UserItemSettings
 from services.useritem.store import ModelStore, load
+from tests.unit.test_useritem_service import _CONTEXT, Worker, _fit, _worker
 from tests.unit.useritem_data import Planted, one_torch_thread, planted
 
 SPACE = "content-test"
 CONTENT_DIM = 24
 HELD_OUT = 10  # the last items: never in a Fit's interactions
-_CONTEXT: Any = None
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,48 +78,17 @@ def test_the_penalty_is_the_one_of_least_leave_one_out_error_computed_by_brute_f
 # The worker ---------------------------------------------------------------------------------------------
 
 
-def _settings(root: Path, **overrides: Any) -> UserItemSettings:
-    values: dict[str, Any] = {
-        "data_dir": str(root / "models"),
-        "fit_dir": "",
-        "factors": 8,
-        "epochs": 40,
-        "batch_size": 256,
-        "learning_rate": 0.02,
-        "l2": 1.0,
-        "init_std": 0.1,
-        "max_inputs_per_request": 64,
-        "max_id_bytes": 64,
-        "default_kind": "mf",
-    }
-    values.update(overrides)
-    return UserItemSettings(**values)
+def _content_worker(root: Path, **overrides: Any) -> Worker:
+    """A worker as test_useritem_service makes one, with the settings' own largest k and no fit folder
+    unless a test names one."""
+    return _worker(
+        root, **{"fit_dir": "", "max_k": UserItemSettings.model_fields["max_k"].default, **overrides}
+    )
 
 
-class Worker:
-    def __init__(self, root: Path, **overrides: Any) -> None:
-        self.settings = _settings(root, **overrides)
-        self.store = ModelStore(self.settings.data_dir, self.settings.keep_versions)
-        self.catalog = Catalog(self.settings.default_model)
-        self.fitter = Fitter(self.catalog, self.store, self.settings)
-        self.service = RecommenderService(self.catalog, self.fitter, self.settings)
-
-    def close(self) -> None:
-        self.fitter.close()
-        self.service.close()
-
-    async def fit(self, messages: Sequence[rec.FitRequest]) -> list[rec.FitProgress]:
-        async def stream() -> AsyncIterator[rec.FitRequest]:
-            for message in messages:
-                yield message
-
-        return [progress async for progress in self.service.Fit(stream(), _CONTEXT)]
-
-    async def fold_in(self, items: list[cpb.ItemContent], **fields: Any) -> cpb.FoldInItemsResponse:
-        request = cpb.FoldInItemsRequest(
-            items=items, content_space=fields.pop("content_space", SPACE), **fields
-        )
-        return await self.service.FoldInItems(request, _CONTEXT)
+async def _fold_in(worker: Worker, items: list[cpb.ItemContent], **fields: Any) -> cpb.FoldInItemsResponse:
+    request = cpb.FoldInItemsRequest(items=items, content_space=fields.pop("content_space", SPACE), **fields)
+    return await worker.service.FoldInItems(request, _CONTEXT)
 
 
 def _content_of(truth: Planted) -> np.ndarray:
@@ -161,7 +127,7 @@ def truth() -> Planted:
 
 @pytest.fixture
 def worker(tmp_path: Path) -> Iterator[Worker]:
-    fresh = Worker(tmp_path)
+    fresh = _content_worker(tmp_path)
     yield fresh
     fresh.close()
 
@@ -170,7 +136,7 @@ async def test_a_fit_with_content_learns_a_map_that_finds_the_users_of_items_it_
     worker: Worker, truth: Planted
 ) -> None:
     items = truth.affinity.shape[1]
-    done = (await worker.fit(_messages(truth)))[-1]
+    done = (await _fit(worker, _messages(truth)))[-1]
     assert done.content_map.space == SPACE and done.content_map.dimension == CONTENT_DIM
     assert done.content_map.items == items - HELD_OUT  # those with both content and interactions
     assert done.content_map.r2 > 0.5
@@ -178,7 +144,7 @@ async def test_a_fit_with_content_learns_a_map_that_finds_the_users_of_items_it_
     assert fitted.content_map is not None and f"i{items - 1}" not in fitted.item_index
 
     held = list(range(items - HELD_OUT, items))
-    response = await worker.fold_in(_item_content(truth, held))
+    response = await _fold_in(worker, _item_content(truth, held))
     assert response.added == HELD_OUT and response.model.version != done.model.version
     model = worker.catalog.get("")
     assert model.version == response.model.version and len(model.items) == items
@@ -199,9 +165,9 @@ async def test_a_fit_with_content_learns_a_map_that_finds_the_users_of_items_it_
     assert reloaded.items == model.items
 
     # folding an item in again replaces its vector; the next Fit replaces the version whole
-    again = await worker.fold_in(_item_content(truth, [items - 1, items - 2])[::-1])
+    again = await _fold_in(worker, _item_content(truth, [items - 1, items - 2])[::-1])
     assert again.added == 0 and len(worker.catalog.get("").items) == items
-    await worker.fit(_messages(truth))
+    await _fit(worker, _messages(truth))
     assert f"i{items - 1}" not in worker.catalog.get("").item_index
 
 
@@ -213,24 +179,24 @@ async def _status(call: Any) -> ServiceError:
 
 async def test_fold_in_items_refuses_what_the_map_cannot_take(worker: Worker, truth: Planted) -> None:
     items = truth.affinity.shape[1]
-    await worker.fit(_messages(truth))
+    await _fit(worker, _messages(truth))
     new = _item_content(truth, [items - 1])
-    other_space = await _status(worker.fold_in(new, content_space="another-space"))
+    other_space = await _status(_fold_in(worker, new, content_space="another-space"))
     assert other_space.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "'another-space'" in other_space.message and repr(SPACE) in other_space.message
-    no_space = await _status(worker.fold_in(new, content_space=""))
+    no_space = await _status(_fold_in(worker, new, content_space=""))
     assert no_space.code == grpc.StatusCode.INVALID_ARGUMENT and no_space.field == "content_space"
-    short = await _status(worker.fold_in(_item_content(truth, [items - 1], dim=CONTENT_DIM - 1)))
+    short = await _status(_fold_in(worker, _item_content(truth, [items - 1], dim=CONTENT_DIM - 1)))
     assert short.code == grpc.StatusCode.INVALID_ARGUMENT and short.field == "items[0].vector"
-    learnt = await _status(worker.fold_in(_item_content(truth, [items - 1, 0])))
+    learnt = await _status(_fold_in(worker, _item_content(truth, [items - 1, 0])))
     assert learnt.code == grpc.StatusCode.ALREADY_EXISTS and learnt.field == "items[1].item_id"
     inputs = cpb.ItemContent(item_id="new", inputs=[pb.Input(text="a film")])
-    encoded_here = await _status(worker.fold_in([inputs]))
+    encoded_here = await _status(_fold_in(worker, [inputs]))
     assert encoded_here.code == grpc.StatusCode.INVALID_ARGUMENT and encoded_here.field == "items[0].inputs"
     zeros = cpb.ItemContent(item_id="new", vector=to_wire(np.zeros(CONTENT_DIM, dtype=np.float32)))
-    assert (await _status(worker.fold_in([zeros]))).field == "items[0].vector"
-    assert (await _status(worker.fold_in([]))).code == grpc.StatusCode.INVALID_ARGUMENT
-    unknown_model = await _status(worker.fold_in(new, model="nothing-here"))
+    assert (await _status(_fold_in(worker, [zeros]))).field == "items[0].vector"
+    assert (await _status(_fold_in(worker, []))).code == grpc.StatusCode.INVALID_ARGUMENT
+    unknown_model = await _status(_fold_in(worker, new, model="nothing-here"))
     assert unknown_model.code == grpc.StatusCode.INVALID_ARGUMENT
     assert len(worker.catalog.get("").items) == items - HELD_OUT  # nothing was added
 
@@ -239,18 +205,18 @@ async def test_a_model_without_a_map_and_an_ease_fit_with_content_are_refused(
     worker: Worker, truth: Planted
 ) -> None:
     plain = [rec.FitRequest(interactions=list(truth.interactions()))]
-    await worker.fit(plain)
-    no_map = await _status(worker.fold_in(_item_content(truth, [0])))
+    await _fit(worker, plain)
+    no_map = await _status(_fold_in(worker, _item_content(truth, [0])))
     assert no_map.code == grpc.StatusCode.FAILED_PRECONDITION and "no content map" in no_map.message
-    ease = await _status(worker.fit(_messages(truth, kind=rec.MODEL_KIND_EASE, model="ease")))
+    ease = await _status(_fit(worker, _messages(truth, kind=rec.MODEL_KIND_EASE, model="ease")))
     assert ease.code == grpc.StatusCode.INVALID_ARGUMENT and ease.field == "item_content"
     changed = _messages(truth)
     changed[1].content_space = "another-space"
-    assert (await _status(worker.fit(changed))).field == "content_space"
+    assert (await _status(_fit(worker, changed))).field == "content_space"
 
 
 async def test_fold_in_items_is_refused_while_a_fit_runs(worker: Worker, truth: Planted) -> None:
-    await worker.fit(_messages(truth))
+    await _fit(worker, _messages(truth))
     started, gate = asyncio.Event(), asyncio.Event()
 
     async def stalled() -> AsyncIterator[rec.FitRequest]:
@@ -260,7 +226,7 @@ async def test_fold_in_items_is_refused_while_a_fit_runs(worker: Worker, truth: 
 
     running = asyncio.ensure_future(_drain(worker.service.Fit(stalled(), _CONTEXT)))
     await started.wait()
-    busy = await _status(worker.fold_in(_item_content(truth, [truth.affinity.shape[1] - 1])))
+    busy = await _status(_fold_in(worker, _item_content(truth, [truth.affinity.shape[1] - 1])))
     assert busy.code == grpc.StatusCode.ABORTED and "a Fit is running" in busy.message
     running.cancel()
     gate.set()
@@ -273,9 +239,9 @@ async def _drain(progress: AsyncIterator[rec.FitProgress]) -> None:
 
 
 def test_a_damaged_content_map_file_fails_its_checksum(tmp_path: Path, truth: Planted) -> None:
-    worker = Worker(tmp_path)
+    worker = _content_worker(tmp_path)
     try:
-        asyncio.run(worker.fit(_messages(truth)))
+        asyncio.run(_fit(worker, _messages(truth)))
     finally:
         worker.close()
     folder = next(path for path in (tmp_path / "models" / "mf").iterdir() if path.is_dir())
@@ -292,7 +258,7 @@ async def test_a_fit_from_a_file_takes_its_item_content_in_messages_after_the_fi
     tmp_path: Path, truth: Planted
 ) -> None:
     (tmp_path / "fit").mkdir()
-    worker = Worker(tmp_path, fit_dir=str(tmp_path / "fit"))
+    worker = _content_worker(tmp_path, fit_dir=str(tmp_path / "fit"))
     try:
         items = truth.affinity.shape[1]
         kept = [i for i in truth.interactions() if int(i.item_id[1:]) < items - HELD_OUT]
@@ -300,16 +266,17 @@ async def test_a_fit_from_a_file_takes_its_item_content_in_messages_after_the_fi
         (tmp_path / "fit" / "ratings.csv").write_text("user_id,item_id,rating\n" + "\n".join(rows) + "\n")
         content = _item_content(truth, range(items))
         done = (
-            await worker.fit(
+            await _fit(
+                worker,
                 [
                     rec.FitRequest(path="ratings.csv", content_space=SPACE, item_content=content[:30]),
                     rec.FitRequest(item_content=content[30:]),
-                ]
+                ],
             )
         )[-1]
         assert done.content_map.items == items - HELD_OUT and done.content_map.space == SPACE
         more = await _status(
-            worker.fit([rec.FitRequest(path="ratings.csv"), rec.FitRequest(interactions=kept[:1])])
+            _fit(worker, [rec.FitRequest(path="ratings.csv"), rec.FitRequest(interactions=kept[:1])])
         )
         assert more.code == grpc.StatusCode.INVALID_ARGUMENT and "takes one message" in more.message
     finally:
