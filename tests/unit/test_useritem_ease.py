@@ -18,7 +18,7 @@ from services.useritem.interactions import Dataset, InteractionBuffer
 from services.useritem.model import EASE, MF, TrainedModel
 from services.useritem.ranking import ranking_figures
 from services.useritem.training import FitCancelled, split
-from tests.unit.test_useritem_fitting import WAIT_S, _Held, _restarted, _state
+from tests.unit.test_useritem_fitting import _fit_thread_idle, _Held, _restarted, _state
 from tests.unit.test_useritem_service import _CONTEXT, Worker, _fit, _messages, _worker
 from tests.unit.useritem_data import Planted, planted, rules
 
@@ -310,12 +310,8 @@ async def test_an_ease_fit_whose_caller_leaves_before_promotion_changes_nothing(
         held = _Held(monkeypatch, "stage", before)
         task = asyncio.create_task(_fit(fresh, _messages(planted(seed=8))))
         await held.wait_reached()
-        task.cancel()
-        held.release.set()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        loop = asyncio.get_running_loop()
-        await asyncio.wait_for(loop.run_in_executor(fresh.fitter._thread, lambda: None), WAIT_S)
+        await held.leave(task)
+        await _fit_thread_idle(fresh)
         assert _state(fresh) == serving and _restarted(fresh) == serving["serving"]
         assert fresh.catalog.get("").kind == EASE
     finally:

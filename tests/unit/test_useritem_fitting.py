@@ -102,6 +102,19 @@ class _Held:
         loop = asyncio.get_running_loop()
         assert await loop.run_in_executor(None, self.reached.wait, WAIT_S), "the Fit never got there"
 
+    async def leave(self, fit: "asyncio.Task[list[rec.FitProgress]]") -> None:
+        """The caller of the held `fit` leaves (its task is cancelled), then the held step goes on."""
+        fit.cancel()
+        self.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await fit
+
+
+async def _fit_thread_idle(worker: Worker) -> None:
+    """Wait until the fit thread has finished what it was doing (a discard runs there after a held step)."""
+    loop = asyncio.get_running_loop()
+    await asyncio.wait_for(loop.run_in_executor(worker.fitter._thread, lambda: None), WAIT_S)
+
 
 def _consume(worker: Worker, messages: list[rec.FitRequest]) -> "asyncio.Task[list[rec.FitProgress]]":
     async def consume() -> list[rec.FitProgress]:
@@ -126,13 +139,8 @@ async def test_a_fit_whose_caller_leaves_before_promotion_changes_nothing(
     held = _Held(monkeypatch, method, before)
     task = _consume(served, _messages(planted(seed=8)))
     await held.wait_reached()
-    task.cancel()
-    held.release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    # the discard runs on the fit thread after the held step: wait for the thread to be idle
-    loop = asyncio.get_running_loop()
-    await asyncio.wait_for(loop.run_in_executor(served.fitter._thread, lambda: None), WAIT_S)
+    await held.leave(task)
+    await _fit_thread_idle(served)
     assert _state(served) == before_state
     assert _restarted(served) == before_state["serving"]
     # and the slot is free: the next Fit of the same data serves
@@ -148,10 +156,7 @@ async def test_a_caller_who_leaves_during_promotion_finds_it_completed(
     held = _Held(monkeypatch, "promote", before)
     task = _consume(served, _messages(planted(seed=8)))
     await held.wait_reached()
-    task.cancel()
-    held.release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await held.leave(task)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + WAIT_S
     while served.catalog.get("mf").version == old:
