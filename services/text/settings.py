@@ -36,7 +36,9 @@ class TextSettings(WorkerSettings):
         "all-MiniLM-L6-v2-int8", description="Model id of the int8 variant in requests."
     )
     onnx_threads: int = Field(
-        0, description="ONNX Runtime intra-op threads of a batch that runs alone; 0: one per core."
+        0,
+        description="ONNX Runtime intra-op threads of a batch (with TEXT_ONNX_LANES above 1: of a batch that "
+        "runs alone); 0: one per core.",
     )
     onnx_lanes: int = Field(
         1,
